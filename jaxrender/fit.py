@@ -782,6 +782,7 @@ def fit(
     bad_step = None
     last_loss = float("nan")
     every = checkpoint.every if checkpoint is not None else None
+    committed = (carry, step, len(hist_loss), len(hist_aux))
     try:
         while step < steps:
             n = min(chunk_len, steps - step)
@@ -793,14 +794,20 @@ def fit(
             applied = np.asarray(applied)
             n_done = int(applied.sum())
             losses = np.asarray(losses)[:n_done]
-            hist_loss.append(losses)
+            new_log, new_aux = None, None
             if has_aux and n_done:
                 idx = np.nonzero((np.arange(step, step + n_done) % log_every) == 0)[0]
                 if idx.size:
-                    hist_log_steps.append(step + idx)
-                    hist_aux.append(jax.tree_util.tree_map(lambda a: np.asarray(a)[idx], auxs))
-            carry = new_carry
-            step += n_done
+                    new_log = step + idx
+                    new_aux = jax.tree_util.tree_map(lambda a: np.asarray(a)[idx], auxs)
+            # Commit the chunk in one assignment, so a KeyboardInterrupt leaves a
+            # consistent (carry, step, history) state.
+            committed = (new_carry, step + n_done, len(hist_loss) + 1, len(hist_aux) + (new_aux is not None))
+            hist_loss.append(losses)
+            if new_aux is not None:
+                hist_log_steps.append(new_log)
+                hist_aux.append(new_aux)
+            carry, step = committed[0], committed[1]
             if n_done:
                 last_loss = float(losses[-1])
             if bar is not None:
@@ -827,6 +834,8 @@ def fit(
                     stopped = f"callback returned False at step {step}"
                     break
     except KeyboardInterrupt:
+        carry, step, n_h, n_a = committed
+        del hist_loss[n_h:], hist_aux[n_a:], hist_log_steps[n_a:]
         stopped = f"interrupted (KeyboardInterrupt) after {step} steps"
         warnings.warn(f"fit: {stopped}; returning the current parameters", stacklevel=2)
     finally:

@@ -343,3 +343,29 @@ def test_bad_arguments():
     # steps=0 is a no-op.
     r = fit(quad, p0, steps=0, progress=False)
     assert r.steps_run == 0 and r.history["loss"].shape == (0,)
+
+
+def test_keyboard_interrupt_returns_consistent_state(tmp_path):
+    def cb(step, params, loss):
+        if step == 20:
+            raise KeyboardInterrupt
+
+    path = tmp_path / "ck.npz"
+    with pytest.warns(UserWarning, match="interrupted"):
+        res = fit(quad, {"x": jnp.zeros(3)}, steps=100, steps_per_call=10, callback=cb, checkpoint=path,
+                  progress=False)
+    assert res.steps_run == 20 and res.history["loss"].shape == (20,)
+    assert load_checkpoint(path, {"x": jnp.zeros(3)})["step"] == 20
+
+
+def test_resume_typed_key_and_tuple_aux(tmp_path):
+    path = tmp_path / "ck.npz"
+    loss = lambda p, b: (jnp.sum((p - b) ** 2), (p[0], p[1:]))  # noqa: E731
+    kw = dict(data_fn=lambda k, s, d: d + jax.random.normal(k, (3,)), key=jax.random.key(5), has_aux=True,
+              progress=False, steps_per_call=7)
+    full = fit(loss, jnp.zeros(3), TARGET, steps=30, **kw)
+    fit(loss, jnp.zeros(3), TARGET, steps=12, checkpoint=path, **kw)
+    res = fit(loss, jnp.zeros(3), TARGET, steps=30, checkpoint=path, resume=True, **kw)
+    np.testing.assert_allclose(res.params, full.params, atol=1e-6)
+    assert res.history["aux"][1].shape == (30, 2)
+    np.testing.assert_allclose(res.history["aux"][1], full.history["aux"][1], atol=1e-6)
