@@ -153,7 +153,13 @@ class Mesh(eqx.Module):
         if _is_array(self.face_uvs):
             if self.uvs is None:
                 raise ValueError("face_uvs given without uvs")
-            check_faces(self.face_uvs, nt if _is_concrete(self.face_uvs) else None, "face_uvs")
+            check_faces(self.face_uvs, None, "face_uvs")
+            if nt is not None and _is_concrete(self.face_uvs) and self.face_uvs.shape[0] > 0:
+                fu = np.asarray(self.face_uvs)
+                if fu.min() < 0 or fu.max() >= nt:
+                    raise IndexError(
+                        f"face_uvs index out of range: values span [{fu.min()}, {fu.max()}] but uvs has {nt} rows"
+                    )
             if nf is not None and self.face_uvs.shape[0] != nf:
                 raise ValueError(
                     f"face_uvs must have one row per face ({nf}), got shape {tuple(self.face_uvs.shape)}"
