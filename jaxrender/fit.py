@@ -470,7 +470,10 @@ def fit(
         optimizer: any ``optax.GradientTransformation`` (default
             ``optax.adam(1e-2)``). Per-group learning rates: ``optax.multi_transform``
             / ``optax.partition`` or :func:`param_groups`; schedules: pass an
-            Optax schedule as the learning rate.
+            Optax schedule as the learning rate. Transformations taking extra
+            arguments (``optax.GradientTransformationExtraArgs``) get
+            ``value=loss, grad=grads, value_fn=...`` so line-search optimizers
+            such as ``optax.lbfgs()`` work.
         steps: total number of steps. With ``resume`` this counts the steps
             already done, so a resumed run stops at the same step as an
             uninterrupted one.
@@ -529,6 +532,11 @@ def fit(
         raise TypeError(f"fit: loss_fn must be callable, got {type(loss_fn).__name__}")
     if optimizer is None:
         optimizer = optax.adam(1e-2)
+    if _is_optimizer(data) and not isinstance(data, eqx.Module):
+        raise TypeError(
+            "fit: `data` (the 3rd positional argument) is an optax optimizer; pass it as optimizer=... "
+            "(or data=None positionally: fit(loss_fn, params, None, optimizer))"
+        )
     if not _is_optimizer(optimizer):
         raise TypeError(f"fit: optimizer must be an optax GradientTransformation, got {type(optimizer).__name__}")
     if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or steps < 0:
@@ -610,6 +618,7 @@ def fit(
     loss_dtype = loss_shape.dtype
     aux_zero = jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), aux_shape)
     check = nan_policy != "ignore"
+    extra_args = isinstance(optimizer, optax.GradientTransformationExtraArgs)
 
     # ---------------- initial state ----------------
     opt_state = _strong(optimizer.init(diff))
@@ -659,7 +668,15 @@ def fit(
         batch = get_data(step, d_arr)
         (loss, aux), grads = jax.value_and_grad(call_loss, has_aux=True)(c["diff"], s_arr, batch)
         loss = loss.astype(loss_dtype)
-        updates, new_opt = optimizer.update(grads, c["opt"], c["diff"])
+        if extra_args:
+            # Line-search optimizers (optax.lbfgs, ...): pass the loss, the gradient
+            # and the loss as a function of the trainable params on this step's data.
+            updates, new_opt = optimizer.update(
+                grads, c["opt"], c["diff"], value=loss, grad=grads,
+                value_fn=lambda d: call_loss(d, s_arr, batch)[0].astype(loss_dtype),
+            )
+        else:
+            updates, new_opt = optimizer.update(grads, c["opt"], c["diff"])
         new_diff = optax.apply_updates(c["diff"], updates)
         if constraints is not None:
             full = constraints(combine(new_diff, s_arr))
