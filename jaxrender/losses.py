@@ -165,8 +165,10 @@ def huber(pred, target, scaling: float = 0.1, mask=None, reduction: str = "mean"
         Scalar loss (or elementwise with ``reduction="none"``).
     """
     pred, target = _pair(pred, target, "huber")
-    diff_sq = (pred - target) ** 2
-    err = (jnp.sqrt(jnp.maximum(1.0 + diff_sq / (scaling * scaling), 1e-4)) - 1.0) * scaling
+    q = (pred - target) ** 2 / (scaling * scaling)
+    # sqrt(1 + q) - 1 written as q / (sqrt(1 + q) + 1): same value, no float32
+    # cancellation for small q. The tutorial's clamp(1e-4) never binds (q >= 0).
+    err = scaling * q / (jnp.sqrt(1.0 + q) + 1.0)
     return _reduce(err, mask, reduction, "huber")
 
 
