@@ -532,15 +532,15 @@ def _random_colors(rng):
 def _pca(samples, mean, k):
     """PCA of (N, D) samples around ``mean``: returns (D, k) basis scaled by
     sqrt(variance) and the variances (k,)."""
-    X = samples - mean
+    X = (samples - mean).astype(np.float32)
     n = X.shape[0]
     # Gram-matrix trick: N << D
-    G = X @ X.T / (n - 1)
+    G = (X @ X.T).astype(np.float64) / (n - 1)
     w, U = np.linalg.eigh(G)
     order = np.argsort(w)[::-1][:k]
     w = np.maximum(w[order], 0)
     U = U[:, order]
-    comps = X.T @ U  # (D, k), column norm^2 = (n-1) w
+    comps = (U.T.astype(np.float32) @ X).T.astype(np.float64)  # (D, k), column norm^2 = (n-1) w
     norms = np.maximum(np.linalg.norm(comps, axis=0), 1e-12)
     basis = comps / norms * np.sqrt(w)
     # deterministic sign: largest-magnitude entry positive
@@ -614,7 +614,7 @@ def _build(resolution, n_id, n_exp, n_albedo, seed, n_population):
 
 
 def synthetic_face_model(resolution: int = 96, n_id: int = 40, n_exp: int = len(EXPRESSION_NAMES), n_albedo: int = 20,
-                         seed: int = 0, n_population: int = 80):
+                         seed: int = 0, n_population: int = 80, scale: float = 1.0):
     """Build the procedural face model.
 
     Args:
@@ -631,6 +631,9 @@ def synthetic_face_model(resolution: int = 96, n_id: int = 40, n_exp: int = len(
       n_albedo: albedo components (at most ``n_population - 1``).
       seed: seed of the random population (identity and albedo).
       n_population: number of random heads the PCA is computed from.
+      scale: multiplies all positions (``0.01`` gives decimetres, the scale
+        FaceVerse's and Deep3DFaceRecon's cameras at distance 10 expect;
+        ``0.001`` metres).
 
     Returns:
       A :class:`~jaxrender.morphable.MorphableModel` in millimetres (BFM frame:
@@ -648,8 +651,9 @@ def synthetic_face_model(resolution: int = 96, n_id: int = 40, n_exp: int = len(
     if n_population < 2:
         raise ValueError(f"n_population must be >= 2, got {n_population}")
     d = _build(int(resolution), int(n_id), int(n_exp), int(n_albedo), int(seed), int(n_population))
+    s = np.float32(scale)
     return MorphableModel(
-        d["mean_shape"], d["id_basis"], d["exp_basis"], d["mean_albedo"], d["albedo_basis"], d["faces"],
-        d["landmark_indices"], masks=d["masks"], id_variance=d["id_variance"], exp_variance=d["exp_variance"],
+        d["mean_shape"] * s, d["id_basis"] * s, d["exp_basis"] * s, d["mean_albedo"], d["albedo_basis"], d["faces"],
+        d["landmark_indices"], masks=d["masks"], id_variance=d["id_variance"] * s * s, exp_variance=d["exp_variance"],
         albedo_variance=d["albedo_variance"], eye_ranges=d["eye_ranges"], landmark_names=IBUG68_NAMES,
     )
