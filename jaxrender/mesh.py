@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from typing import Optional, Union
+from typing import Optional
 
 import equinox as eqx
 import jax
