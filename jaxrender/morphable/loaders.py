@@ -43,11 +43,11 @@ def _fail(path, key, msg):
     raise ModelFileError(f"{os.fspath(path)}: key '{key}' {msg}")
 
 
-def _expect_shape(path, key, arr, shape):
+def _expect_shape(path, key, arr, shape, note=""):
     ok = arr.ndim == len(shape) and all(s is None or s == d for s, d in zip(shape, arr.shape))
     if not ok:
-        want = "(" + ", ".join("N" if s is None else str(s) for s in shape) + ")"
-        _fail(path, key, f"must have shape {want}, got {arr.shape}")
+        want = "(" + ", ".join("N" if s is None else str(s) for s in shape) + ("," if len(shape) == 1 else "") + ")"
+        _fail(path, key, f"must have shape {want}{note}, got {arr.shape}")
     return arr
 
 
@@ -84,7 +84,8 @@ def _read_pca(f, path, group, n_vertices, k_max):
         n_vertices = mean.size // 3
     _expect_shape(path, f"{group}/model/mean", mean, (3 * n_vertices,))
     _expect_shape(path, f"{group}/model/pcaBasis", basis, (3 * n_vertices, None))
-    _expect_shape(path, f"{group}/model/pcaVariance", var, (basis.shape[1],))
+    _expect_shape(path, f"{group}/model/pcaVariance", var, (basis.shape[1],),
+                  f" (one variance per column of {group}/model/pcaBasis)")
     k = basis.shape[1] if k_max is None else min(k_max, basis.shape[1])
     scaled = basis[:, :k] * np.sqrt(np.maximum(var[:k], 0.0))
     return mean.reshape(n_vertices, 3), scaled.reshape(n_vertices, 3, k), var[:k]
