@@ -1,0 +1,15 @@
+"""Rasterization: settings, fragments, the binned XLA rasterizer, interpolation."""
+from .settings import Fragments, RasterSettings
+from .rasterize import (
+    face_validity,
+    fragment_geometry,
+    interpolate,
+    interpolate_face_attrs,
+    rasterize,
+    recompute_fragments,
+)
+
+__all__ = [
+    "Fragments", "RasterSettings", "rasterize", "interpolate", "interpolate_face_attrs",
+    "fragment_geometry", "face_validity", "recompute_fragments",
+]

@@ -1,0 +1,157 @@
+"""Rasterization settings and the fragments the rasterizer returns."""
+from __future__ import annotations
+
+import math
+from typing import Tuple, Union
+
+import equinox as eqx
+import jax
+
+Array = jax.Array
+
+NEAR_RULES = ("cull",)
+
+
+def _image_size(size) -> Tuple[int, int]:
+    if isinstance(size, int):
+        return (size, size)
+    h, w = size
+    return (int(h), int(w))
+
+
+class RasterSettings(eqx.Module):
+    """Static configuration of :func:`jaxrender.rasterize`.
+
+    Every field is static: changing one re-traces, changing the arrays passed
+    to ``rasterize`` does not.
+
+    Attributes:
+      image_size: ``(H, W)`` in pixels (an int means square).
+      faces_per_pixel: ``K``, the number of faces kept per pixel, nearest first.
+      blur_radius: reach of a face beyond its edges, as a **squared** distance
+        in PyTorch3D's NDC units (the shorter image side spans 2 units), so
+        PyTorch3D values carry over. A face is kept at a pixel when the pixel
+        is inside it or its squared distance is below ``blur_radius``. For
+        SoftRas-style rendering use ``ln(1/eps - 1) * sigma`` (eps = 1e-4).
+      bin_size: side of the square screen tiles in pixels used for binning.
+        ``None`` picks 8 for images up to 64 px and 16 above.
+      max_faces_per_bin: capacity of each tile's candidate list. Faces beyond
+        it are dropped and counted in ``Fragments.num_overflow``; raise it until
+        that count is zero (``Fragments.max_bin_count`` is the capacity that
+        would have been enough). ``None`` picks ``min(F, 1024)``.
+      cull_backfaces: drop faces whose vertices appear clockwise on screen
+        (normal pointing away from the camera; see docs/conventions.md).
+      near_rule: what happens to faces that cross the near plane. ``"cull"``:
+        a face with any vertex closer than ``znear`` is dropped and counted in
+        ``Fragments.num_culled`` (no clipping); faces entirely beyond ``zfar``
+        are dropped too.
+      perspective_correct: perspective-correct barycentrics (``True``) or
+        screen-space affine ones (``False``, right for orthographic cameras).
+      clip_barycentrics: clamp barycentrics of pixels outside a face to the
+        triangle before interpolating (``None``: on when ``blur_radius > 0``,
+        as PyTorch3D does).
+      bin_chunk: how many tiles the per-pixel pass processes at once (memory
+        knob of the XLA path; results do not depend on it).
+      face_chunk: how many faces the binning pass processes at once.
+    """
+
+    image_size: Tuple[int, int] = eqx.field(static=True, converter=_image_size, default=(256, 256))
+    faces_per_pixel: int = eqx.field(static=True, default=1)
+    blur_radius: float = eqx.field(static=True, default=0.0)
+    bin_size: Union[int, None] = eqx.field(static=True, default=None)
+    max_faces_per_bin: Union[int, None] = eqx.field(static=True, default=None)
+    cull_backfaces: bool = eqx.field(static=True, default=False)
+    near_rule: str = eqx.field(static=True, default="cull")
+    perspective_correct: bool = eqx.field(static=True, default=True)
+    clip_barycentrics: Union[bool, None] = eqx.field(static=True, default=None)
+    bin_chunk: int = eqx.field(static=True, default=8)
+    face_chunk: int = eqx.field(static=True, default=4096)
+
+    def __check_init__(self):
+        h, w = self.image_size
+        if h <= 0 or w <= 0:
+            raise ValueError(f"image_size must be positive, got {self.image_size}")
+        if int(self.faces_per_pixel) < 1:
+            raise ValueError(f"faces_per_pixel must be >= 1, got {self.faces_per_pixel}")
+        if not (self.blur_radius >= 0.0) or math.isinf(self.blur_radius):
+            raise ValueError(f"blur_radius must be a finite number >= 0, got {self.blur_radius}")
+        if self.bin_size is not None and int(self.bin_size) < 1:
+            raise ValueError(f"bin_size must be >= 1 or None, got {self.bin_size}")
+        if self.max_faces_per_bin is not None and int(self.max_faces_per_bin) < 1:
+            raise ValueError(f"max_faces_per_bin must be >= 1 or None, got {self.max_faces_per_bin}")
+        if self.near_rule not in NEAR_RULES:
+            raise ValueError(f"near_rule must be one of {NEAR_RULES}, got {self.near_rule!r}")
+        if self.bin_chunk < 1 or self.face_chunk < 1:
+            raise ValueError("bin_chunk and face_chunk must be >= 1")
+
+    # Resolved values -------------------------------------------------------
+    @property
+    def height(self) -> int:
+        return self.image_size[0]
+
+    @property
+    def width(self) -> int:
+        return self.image_size[1]
+
+    @property
+    def resolved_bin_size(self) -> int:
+        if self.bin_size is not None:
+            return int(self.bin_size)
+        return 8 if max(self.image_size) <= 64 else 16
+
+    def resolved_max_faces_per_bin(self, num_faces: int) -> int:
+        m = self.max_faces_per_bin if self.max_faces_per_bin is not None else min(num_faces, 1024)
+        return max(int(m), int(self.faces_per_pixel), 1)
+
+    @property
+    def resolved_clip_barycentrics(self) -> bool:
+        if self.clip_barycentrics is None:
+            return self.blur_radius > 0.0
+        return bool(self.clip_barycentrics)
+
+    @property
+    def ndc_per_pixel(self) -> float:
+        """Length of one pixel in PyTorch3D NDC units (shorter side spans 2)."""
+        return 2.0 / min(self.image_size)
+
+    @property
+    def blur_radius_pixels(self) -> float:
+        """The blur radius as a (non-squared) distance in pixels."""
+        return math.sqrt(self.blur_radius) / self.ndc_per_pixel
+
+
+class Fragments(eqx.Module):
+    """What the rasterizer keeps per pixel: the ``K`` nearest faces in reach.
+
+    Attributes:
+      face_idx: ``(H, W, K)`` int32 face indices sorted by depth (nearest
+        first), ``-1`` where fewer than ``K`` faces reach the pixel.
+      bary: ``(H, W, K, 3)`` barycentric coordinates of the pixel centre with
+        respect to each face (perspective-correct when the settings say so,
+        clipped to the triangle when ``clip_barycentrics``); ``-1`` where empty.
+      depth: ``(H, W, K)`` view depth (camera z) of the face at the pixel;
+        ``-1`` where empty.
+      dist: ``(H, W, K)`` signed squared distance from the pixel centre to the
+        face's projected triangle in PyTorch3D NDC units, negative inside;
+        ``-1`` where empty.
+      num_overflow: int32 scalar, the number of (face, tile) pairs dropped
+        because a tile held more than ``max_faces_per_bin`` candidates. Zero
+        means nothing was dropped.
+      max_bin_count: int32 scalar, the largest number of candidates any tile
+        had; ``max_faces_per_bin`` at least this large avoids overflow.
+      num_culled: int32 scalar, faces removed before binning (near/far rule,
+        back faces when culling, zero-area faces).
+    """
+
+    face_idx: Array
+    bary: Array
+    depth: Array
+    dist: Array
+    num_overflow: Array
+    max_bin_count: Array
+    num_culled: Array
+
+    @property
+    def mask(self) -> Array:
+        """``(H, W, K)`` bool, True where a face is kept."""
+        return self.face_idx >= 0
