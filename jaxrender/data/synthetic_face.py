@@ -85,6 +85,8 @@ _VARIATION = dict(  # standard deviation of each parameter in the population
 )
 
 EYE_RADIUS = 12.0
+EYE_SINK = 2.5  # depth of the cornea's front behind the closed-lid skin surface
+LID_PUSH = 9.0  # how far the skin inside the lid opening is pushed back
 IRIS_COS = math.cos(math.radians(30.0))  # angular radius of the iris on the eyeball
 PUPIL_COS = math.cos(math.radians(13.0))
 
@@ -174,8 +176,8 @@ def _head_surface(p, t, phi):
     # horizontal radii
     ax = p["head_w"] * r_skull
     az = p["head_d"] * r_skull
-    ax = (1 - neck) * ax + neck * 50.0
-    az = (1 - neck) * az + neck * 52.0
+    ax = (1 - neck) * ax + neck * 45.0
+    az = (1 - neck) * az + neck * 47.0
     # jaw tapering: below the mouth the face narrows towards the chin
     jaw = _smoothstep(-10.0, p["chin_y"] + 5, y) * (1 - neck)
     ax = ax * (1 - (1 - p["jaw_w"]) * jaw)
@@ -190,7 +192,7 @@ def _head_surface(p, t, phi):
     X = AX * np.sign(sphi) * np.abs(sphi) ** ex
     Z = AZ * np.sign(cphi) * np.abs(cphi) ** ex
     # the neck sits behind the face
-    Z = Z - 18.0 * np.broadcast_to(neck[:, None], Z.shape)
+    Z = Z - 24.0 * np.broadcast_to(neck[:, None], Z.shape)
 
     # --- facial features as displacements along z (front) / x (ears)
     fm = front ** 0.5 * (1 - np.broadcast_to(neck[:, None], Z.shape))  # front weight
@@ -236,36 +238,37 @@ def _head_surface(p, t, phi):
     del T
     ring = np.stack([X, Y, Z], -1).reshape(-1, 3)
     top = np.array([[0.0, p["head_cy"] + p["head_h"], 0.0]])
-    bottom = np.array([[0.0, y_neck[-1] - 4.0, -18.0]])
+    bottom = np.array([[0.0, y_neck[-1] - 4.0, -24.0]])
     return np.concatenate([top, ring, bottom])
 
 
-def _eyeball_centres(p):
-    # the cornea's front sits just behind the lid surface of the socket
-    z = _socket_front_z(p) - EYE_RADIUS + 1.0
-    return np.array([[p["eye_x"], p["eye_y"], z], [-p["eye_x"], p["eye_y"], z]])
-
-
-def _socket_front_z(p):
-    return p["head_d"] - p["eye_depth"] + 0.5 * p["brow_h"] * 0.0 - 2.0
+def _eyeball_centres(p, head):
+    """Eyeball centres: the cornea sits ``EYE_SINK`` behind the (unpushed) skin
+    at the eye's centre, so the lids cover the eyeball's edges."""
+    out = []
+    for sx in (1.0, -1.0):  # subject's left (+x) first
+        d = (head[:, 0] - sx * p["eye_x"]) ** 2 + (head[:, 1] - p["eye_y"]) ** 2 - 1e3 * (head[:, 2] > 0)
+        z_skin = head[np.argmin(d), 2]
+        out.append([sx * p["eye_x"], p["eye_y"], z_skin - EYE_SINK - EYE_RADIUS])
+    return np.array(out)
 
 
 def _lid_opening(x, y, p):
     """Almond-shaped opening in (0, 1) around each eye (centre weight 1)."""
     ax_ = np.abs(x)
     u = (ax_ - p["eye_x"]) / 12.5
-    v = (y - p["eye_y"] - 0.8) / (5.2 * np.clip(1 - u ** 2, 0, 1) ** 0.6 + 1e-3)
+    v = (y - p["eye_y"] - 0.8) / (6.0 * np.clip(1 - u ** 2, 0, 1) ** 0.6 + 1e-3)
     r = u ** 2 + v ** 2
     return 1 - _smoothstep(0.55, 1.0, r)
 
 
 def _build_shape(p, t, phi, eye_unit, with_aux=False):
     head = _head_surface(p, t, phi)
+    centres = _eyeball_centres(p, head)
     # push the skin inside the lid openings behind the eyeball
     op = _lid_opening(head[:, 0], head[:, 1], p) * (head[:, 2] > 40)
     head = head.copy()
-    head[:, 2] -= 9.0 * op
-    centres = _eyeball_centres(p)
+    head[:, 2] -= LID_PUSH * op
     eyes = [eye_unit * EYE_RADIUS + c for c in centres]  # subject's left (+x) first
     v = np.concatenate([head] + eyes)
     if with_aux:
@@ -408,7 +411,7 @@ def _expressions(v, n_head, p, eye_ranges, op, neckw):
     for name, sgn in (("blink_left", 1.0), ("blink_right", -1.0)):
         m = op * (np.sign(x) == sgn)
         d = np.zeros_like(v)
-        d[:, 2] = 10.5 * m
+        d[:, 2] = (LID_PUSH + 1.0) * m
         d[:, 1] = -1.0 * m
         out[name] = d
 
@@ -466,11 +469,15 @@ def _albedo_layers(v, n_head, p, eye_ranges, op, eye_unit):
     L["cheeks"] = _gauss(ax_, y, 42, p["eye_y"] - 28, 14, 12) * front
     L["lid"] = np.clip(op * 1.0, 0, 1) * head
     # hair: top and back of the skull
-    hair_line = p["brow_y"] + 32 - 12 * np.clip(ax_ / p["head_w"], 0, 1) ** 2
-    back = z < 0.55 * p["head_d"]
-    hair = np.maximum(_smoothstep(hair_line, hair_line + 6, y),
-                      (back * _smoothstep(p["eye_y"] - 25, p["eye_y"] - 5, y)) * (ax_ < p["head_w"] * 0.93 + 100 * (z < -10)))
-    L["hair"] = hair * head * (1 - _smoothstep(-30, -40, y) * 0) * _smoothstep(p["chin_y"] - 30, p["chin_y"] - 10, y)
+    fz = np.clip(z / p["head_d"], -1, 1)
+    front_line = p["brow_y"] + 32 - 10 * np.clip(ax_ / p["head_w"], 0, 1) ** 2
+    side_line = p["eye_y"] + 12  # above the ears
+    back_line = p["chin_y"] + 35  # the nape
+    u = _smoothstep(-0.75, 0.1, fz)
+    w = _smoothstep(0.1, 0.55, fz)
+    hair_line = back_line * (1 - u) + side_line * u
+    hair_line = hair_line * (1 - w) + front_line * w
+    L["hair"] = _smoothstep(hair_line, hair_line + 5, y) * head
     # eyes: sclera everywhere, iris and pupil around the +z pole of each eyeball
     iris = np.zeros(len(v))
     pupil = np.zeros(len(v))
