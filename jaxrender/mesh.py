@@ -86,8 +86,9 @@ def _to_index_array(x):
         x = np.asarray(x)
     if not _is_array(x):
         return x
-    x = jnp.asarray(x) if isinstance(x, jax.Array) else x
     if np.issubdtype(np.dtype(x.dtype), np.integer):
+        if x.dtype == np.int32:
+            return jnp.asarray(x)
         if _is_concrete(x):
             xn = np.asarray(x)
             if xn.size and (xn.max() > np.iinfo(np.int32).max or xn.min() < np.iinfo(np.int32).min):

@@ -10,7 +10,7 @@ import pytest
 from jaxrender import io
 from jaxrender import mesh as M
 
-pytest.importorskip("PIL")
+needs_pillow = pytest.mark.skipif(importlib.util.find_spec("PIL") is None, reason="needs pillow")
 
 
 def textured_mesh():
@@ -31,6 +31,7 @@ def write(path, text):
 # OBJ
 # ----------------------------------------------------------------------------
 
+@needs_pillow
 def test_obj_round_trip_with_texture_and_colors(tmp_path):
     m = textured_mesh()
     p = tmp_path / "sphere.obj"
@@ -70,6 +71,7 @@ def _mesh64(v64):
     return eqx.tree_at(lambda t: t.vertices, m, v64)
 
 
+@needs_pillow
 def test_obj_reader_features(tmp_path):
     text = """# a quad, a pentagon and a triangle with relative indices
 mtllib mat.mtl
@@ -265,6 +267,7 @@ def test_unknown_extension(tmp_path):
 # Images and animations
 # ----------------------------------------------------------------------------
 
+@needs_pillow
 def test_png_round_trip(tmp_path):
     rng = np.random.default_rng(0)
     img = rng.uniform(size=(7, 5, 3)).astype(np.float32)
@@ -285,6 +288,7 @@ def test_png_round_trip(tmp_path):
     np.testing.assert_array_equal(io.read_image(tmp_path / "t.png")[:, 0, 0], [1, 0, 0])
 
 
+@needs_pillow
 def test_image_errors(tmp_path):
     with pytest.raises(ValueError, match="shape"):
         io.write_image(tmp_path / "a.png", np.zeros((2, 2, 5)))
@@ -294,6 +298,7 @@ def test_image_errors(tmp_path):
         io.write_image(tmp_path / "a.png", np.full((2, 2, 3), np.nan))
 
 
+@needs_pillow
 def test_gif(tmp_path):
     from PIL import Image
 
