@@ -294,7 +294,7 @@ def _landmark_targets(p):
         a = (k / 16.0) * np.pi  # 0 .. pi
         w = p["head_w"] * (0.98 - 0.2 * np.sin(a) ** 4)
         x = -np.cos(a) * w * (0.75 + 0.25 * (1 - np.sin(a)))
-        yy = (ey - 8) - (ey - 8 - p["chin_y"] - 1) * np.sin(a) ** 1.6
+        yy = (ey - 8) - (ey - 8 - p["chin_y"] - 7) * np.sin(a) ** 1.6
         pts.append((x, yy))
     # brows 17..21 (right brow, outer to inner), 22..26 (left brow, inner to outer)
     for k in range(5):
@@ -341,10 +341,10 @@ def _landmark_targets(p):
     return np.array(pts)
 
 
-def _landmark_indices(verts, n_head, p, normals):
+def _landmark_indices(verts, n_head, p, normals, neckw):
     tg = _landmark_targets(p)
     hv = verts[:n_head]
-    ok = (hv[:, 2] > 0) & (normals[:n_head, 2] > -0.2)
+    ok = (hv[:, 2] > 0) & (normals[:n_head, 2] > -0.2) & (neckw[:n_head] < 0.25)
     cand = np.nonzero(ok)[0]
     d = ((hv[cand, None, :2] - tg[None]) ** 2).sum(-1)
     # prefer the front-most surface among near-ties (the silhouette points)
@@ -376,7 +376,7 @@ def _expressions(v, n_head, p, eye_ranges, op, neckw):
 
     # jaw_open: rotate the lower face about a horizontal axis near the ears
     w = _smoothstep(my + 0.6, my - 1.6, y) * head * _smoothstep(-40.0, 10.0, z) * (1 - neckw) ** 2
-    ang = math.radians(12.0)
+    ang = math.radians(15.0)
     py, pz = y - (p["eye_y"] - 10), z - (-5.0)
     ry = py * math.cos(ang) - pz * math.sin(ang)
     rz = py * math.sin(ang) + pz * math.cos(ang)
@@ -595,7 +595,7 @@ def _build(resolution, n_id, n_exp, n_albedo, seed, n_population):
     alb_basis, alb_var = _pca(cols, mean_alb.reshape(-1), k_alb)
 
     normals = _np_vertex_normals(mean_v, faces)
-    lmk = _landmark_indices(mean_v, n_head, mean_p, normals)
+    lmk = _landmark_indices(mean_v, n_head, mean_p, normals, neckw)
 
     V = mean_v.shape[0]
     face_mask = ((mean_v[:, 2] > 30) & (mean_v[:, 1] < mean_p["brow_y"] + 30) & (mean_v[:, 1] > mean_p["chin_y"] - 8)).astype(np.float32)
