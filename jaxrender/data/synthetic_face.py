@@ -542,12 +542,13 @@ def _pca(samples, mean, k):
     X = (samples - mean).astype(np.float32)
     n = X.shape[0]
     # Gram-matrix trick: N << D
-    G = (X @ X.T).astype(np.float64) / (n - 1)
+    # einsum without BLAS: OpenBLAS' first call can cost seconds on a busy machine
+    G = np.einsum("id,jd->ij", X, X, optimize=False).astype(np.float64) / (n - 1)
     w, U = np.linalg.eigh(G)
     order = np.argsort(w)[::-1][:k]
     w = np.maximum(w[order], 0)
     U = U[:, order]
-    comps = (U.T.astype(np.float32) @ X).T.astype(np.float64)  # (D, k), column norm^2 = (n-1) w
+    comps = np.einsum("ik,id->dk", U.astype(np.float32), X, optimize=False).astype(np.float64)  # column norm^2 = (n-1) w
     norms = np.maximum(np.linalg.norm(comps, axis=0), 1e-12)
     basis = comps / norms * np.sqrt(w)
     # deterministic sign: largest-magnitude entry positive
