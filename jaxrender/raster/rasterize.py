@@ -171,7 +171,14 @@ def _bin_faces(tri, valid, settings: RasterSettings, num_bins_y: int, num_bins_x
 
 
 def _select_faces(tri, valid, settings: RasterSettings, znear):
-    """The non-differentiable pass: ``(H, W, K)`` face indices and statistics."""
+    """The non-differentiable pass: ``(H, W, K)`` face indices and statistics.
+
+    Tiles are sorted by candidate count and processed ``bin_chunk`` at a
+    time; inside a chunk the candidates are consumed in blocks of
+    ``candidate_block`` with a running top-K merge, and a ``while_loop`` stops
+    after the chunk's largest list. Work is therefore proportional to the
+    candidates that exist, not to the capacity ``max_faces_per_bin``.
+    """
     h, w = settings.image_size
     k = settings.faces_per_pixel
     bs = settings.resolved_bin_size
@@ -179,43 +186,61 @@ def _select_faces(tri, valid, settings: RasterSettings, znear):
     capacity = settings.resolved_max_faces_per_bin(tri.shape[0])
     bins, counts = _bin_faces(tri, valid, settings, nby, nbx, capacity)
     num_tiles = nby * nbx
+    npix = bs * bs
+    block = min(settings.resolved_candidate_block, capacity)
+    n_blocks_max = -(-capacity // block)
+    cap_pad = n_blocks_max * block
+    bins = jnp.pad(bins, ((0, 0), (0, cap_pad - capacity)), constant_values=-1)
 
-    # Pixel centres of every tile, (T, bs*bs).
-    ly, lx = jnp.meshgrid(jnp.arange(bs), jnp.arange(bs), indexing="ij")
-    ty = (jnp.arange(num_tiles) // nbx)[:, None]
-    tx = (jnp.arange(num_tiles) % nbx)[:, None]
-    pix_y = (ty * bs + ly.reshape(1, -1)).astype(tri.dtype) + 0.5
-    pix_x = (tx * bs + lx.reshape(1, -1)).astype(tri.dtype) + 0.5
-
-    chunk = min(settings.bin_chunk, num_tiles)
+    # Busy tiles together, so a chunk's loop length fits all its tiles.
+    order = jnp.argsort(-counts)
+    chunk = min(settings.resolved_bin_chunk(npix, block), num_tiles)
     n_chunks = -(-num_tiles // chunk)
     pad = n_chunks * chunk - num_tiles
-    bins_p = jnp.pad(bins, ((0, pad), (0, 0)), constant_values=-1).reshape(n_chunks, chunk, capacity)
-    px_p = jnp.pad(pix_x, ((0, pad), (0, 0))).reshape(n_chunks, chunk, bs * bs)
-    py_p = jnp.pad(pix_y, ((0, pad), (0, 0))).reshape(n_chunks, chunk, bs * bs)
+    order_p = jnp.pad(order, (0, pad), constant_values=0).reshape(n_chunks, chunk)
+    live_p = (jnp.arange(n_chunks * chunk) < num_tiles).reshape(n_chunks, chunk)
+
+    ly, lx = jnp.meshgrid(jnp.arange(bs), jnp.arange(bs), indexing="ij")
+    ly, lx = ly.reshape(1, -1), lx.reshape(1, -1)
     blur = settings.blur_radius
-    kk = min(k, capacity)
+    kk = min(k, cap_pad)
+    geo = dict(perspective_correct=settings.perspective_correct,
+               clip_barycentrics=settings.resolved_clip_barycentrics,
+               ndc_per_pixel=settings.ndc_per_pixel)
 
     def per_chunk(args):
-        cbins, cpx, cpy = args  # (C, M), (C, P), (C, P)
-        has = cbins >= 0
-        ctri = tri[jnp.maximum(cbins, 0)]  # (C, M, 3, 3)
-        _, depth, dist, inside = fragment_geometry(
-            ctri[:, None], cpx[:, :, None], cpy[:, :, None],
-            perspective_correct=settings.perspective_correct,
-            clip_barycentrics=settings.resolved_clip_barycentrics,
-            ndc_per_pixel=settings.ndc_per_pixel,
-        )  # (C, P, M)
-        reach = has[:, None, :] & (inside | (dist < blur)) & (depth >= znear)
-        key = jnp.where(reach, depth, jnp.inf)
-        # top_k keeps the lower index on ties, and candidates are in face order.
-        neg, idx = jax.lax.top_k(-key, kk)
-        found = jnp.isfinite(neg)
-        face = jnp.take_along_axis(jnp.broadcast_to(cbins[:, None, :], key.shape), idx, axis=-1)
-        return jnp.where(found, face, -1).astype(jnp.int32)
+        tiles, live = args  # (C,), (C,)
+        cbins = bins[tiles]  # (C, cap_pad)
+        ccount = jnp.where(live, jnp.minimum(counts[tiles], capacity), 0)
+        cpx = ((tiles % nbx)[:, None] * bs + lx).astype(tri.dtype) + 0.5  # (C, P)
+        cpy = ((tiles // nbx)[:, None] * bs + ly).astype(tri.dtype) + 0.5
+        n_blocks = (jnp.max(ccount) + block - 1) // block
 
-    sel = jax.lax.map(per_chunk, (bins_p, px_p, py_p))  # (n_chunks, C, P, kk)
-    sel = sel.reshape(n_chunks * chunk, bs * bs, kk)[:num_tiles]
+        def body(state):
+            j, best_key, best_face = state
+            cand = jax.lax.dynamic_slice_in_dim(cbins, j * block, block, axis=1)  # (C, B)
+            has = cand >= 0
+            ctri = tri[jnp.maximum(cand, 0)]  # (C, B, 3, 3)
+            _, depth, dist, inside = fragment_geometry(ctri[:, None], cpx[:, :, None], cpy[:, :, None], **geo)
+            reach = has[:, None, :] & (inside | (dist < blur)) & (depth >= znear)
+            key = jnp.where(reach, depth, jnp.inf)  # (C, P, B)
+            face = jnp.broadcast_to(cand[:, None, :], key.shape)
+            # Running results first: on equal depth top_k keeps the lower
+            # position, i.e. the lower face index (candidates are in face order).
+            all_key = jnp.concatenate([best_key, key], axis=-1)
+            all_face = jnp.concatenate([best_face, face], axis=-1)
+            neg, idx = jax.lax.top_k(-all_key, kk)
+            return j + 1, -neg, jnp.take_along_axis(all_face, idx, axis=-1)
+
+        init = (jnp.zeros((), jnp.int32),
+                jnp.full((chunk, npix, kk), jnp.inf, tri.dtype),
+                jnp.full((chunk, npix, kk), -1, jnp.int32))
+        _, best_key, best_face = jax.lax.while_loop(lambda st: st[0] < n_blocks, body, init)
+        return jnp.where(jnp.isfinite(best_key), best_face, -1)
+
+    sel = jax.lax.map(per_chunk, (order_p, live_p))  # (n_chunks, C, P, kk)
+    sel = sel.reshape(n_chunks * chunk, npix, kk)[:num_tiles]
+    sel = jnp.zeros_like(sel).at[order].set(sel)  # back to tile order
     if kk < k:
         sel = jnp.pad(sel, ((0, 0), (0, 0), (0, k - kk)), constant_values=-1)
     img = sel.reshape(nby, nbx, bs, bs, k).transpose(0, 2, 1, 3, 4).reshape(nby * bs, nbx * bs, k)

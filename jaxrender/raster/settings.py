@@ -38,7 +38,9 @@ class RasterSettings(eqx.Module):
       max_faces_per_bin: capacity of each tile's candidate list. Faces beyond
         it are dropped and counted in ``Fragments.num_overflow``; raise it until
         that count is zero (``Fragments.max_bin_count`` is the capacity that
-        would have been enough). ``None`` picks ``min(F, 1024)``.
+        would have been enough). It costs memory (``T * M`` int32 for ``T``
+        tiles), not time: the per-pixel pass only visits the candidates that
+        exist. ``None`` picks ``min(F, 8192)``.
       cull_backfaces: drop faces whose vertices appear clockwise on screen
         (normal pointing away from the camera; see docs/conventions.md).
       near_rule: what happens to faces that cross the near plane. ``"cull"``:
@@ -51,7 +53,10 @@ class RasterSettings(eqx.Module):
         triangle before interpolating (``None``: on when ``blur_radius > 0``,
         as PyTorch3D does).
       bin_chunk: how many tiles the per-pixel pass processes at once (memory
-        knob of the XLA path; results do not depend on it).
+        knob of the XLA path; results do not depend on it). ``None`` picks a
+        chunk of about 2M pixel-candidate pairs.
+      candidate_block: candidates per tile tested per step of the per-pixel
+        pass (``None``: ``max(128, K)``).
       face_chunk: how many faces the binning pass processes at once.
     """
 
@@ -64,7 +69,8 @@ class RasterSettings(eqx.Module):
     near_rule: str = eqx.field(static=True, default="cull")
     perspective_correct: bool = eqx.field(static=True, default=True)
     clip_barycentrics: Union[bool, None] = eqx.field(static=True, default=None)
-    bin_chunk: int = eqx.field(static=True, default=8)
+    bin_chunk: Union[int, None] = eqx.field(static=True, default=None)
+    candidate_block: Union[int, None] = eqx.field(static=True, default=None)
     face_chunk: int = eqx.field(static=True, default=4096)
 
     def __check_init__(self):
@@ -81,8 +87,10 @@ class RasterSettings(eqx.Module):
             raise ValueError(f"max_faces_per_bin must be >= 1 or None, got {self.max_faces_per_bin}")
         if self.near_rule not in NEAR_RULES:
             raise ValueError(f"near_rule must be one of {NEAR_RULES}, got {self.near_rule!r}")
-        if self.bin_chunk < 1 or self.face_chunk < 1:
-            raise ValueError("bin_chunk and face_chunk must be >= 1")
+        for name in ("bin_chunk", "candidate_block", "face_chunk"):
+            v = getattr(self, name)
+            if v is not None and int(v) < 1:
+                raise ValueError(f"{name} must be >= 1 or None, got {v}")
 
     # Resolved values -------------------------------------------------------
     @property
@@ -100,8 +108,19 @@ class RasterSettings(eqx.Module):
         return 8 if max(self.image_size) <= 64 else 16
 
     def resolved_max_faces_per_bin(self, num_faces: int) -> int:
-        m = self.max_faces_per_bin if self.max_faces_per_bin is not None else min(num_faces, 1024)
-        return max(int(m), int(self.faces_per_pixel), 1)
+        m = self.max_faces_per_bin if self.max_faces_per_bin is not None else min(num_faces, 8192)
+        return max(int(m), 1)
+
+    @property
+    def resolved_candidate_block(self) -> int:
+        if self.candidate_block is not None:
+            return int(self.candidate_block)
+        return max(128, int(self.faces_per_pixel))
+
+    def resolved_bin_chunk(self, pixels_per_tile: int, block: int) -> int:
+        if self.bin_chunk is not None:
+            return int(self.bin_chunk)
+        return max(1, (1 << 21) // (pixels_per_tile * block))
 
     @property
     def resolved_clip_barycentrics(self) -> bool:
