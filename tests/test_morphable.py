@@ -186,6 +186,12 @@ def test_split_merge_roundtrip(rng):
         fv.split_coeffs(m, np.zeros(D + 1))
     z = fv.zero_coeffs(m)
     assert z.shape == (D,) and float(z[-1]) == 1.0 and float(jnp.abs(z[:-1]).sum()) == 0
+    # jit / vmap
+    rt = jax.jit(jax.vmap(lambda x: fv.merge_coeffs(*fv.split_coeffs(m, x))))(batch)
+    np.testing.assert_array_equal(rt, batch)
+    g = jax.grad(lambda x: jnp.sum(fv.split_coeffs(m, x).gamma ** 2))(jnp.asarray(c))
+    np.testing.assert_allclose(g[15:42], 2 * c[15:42], rtol=1e-6)
+    assert float(jnp.abs(g[:15]).sum() + jnp.abs(g[42:]).sum()) == 0
 
 
 @pytest.mark.parametrize("with_scale", [True, False])
