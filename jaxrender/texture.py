@@ -98,8 +98,11 @@ def sample_texture(texture, uv, mode: str = "bilinear", wrap: str = "repeat"):
     c1 = _wrap_index(x0 + 1, wt, wrap)
     r0 = _wrap_index(y0, ht, wrap)
     r1 = _wrap_index(y0 + 1, ht, wrap)
-    top = tex[r0, c0] * (1.0 - fx) + tex[r0, c1] * fx
-    bottom = tex[r1, c0] * (1.0 - fx) + tex[r1, c1] * fx
+    # one gather of the four corners (one scatter-add in the backward pass)
+    flat = tex.reshape(ht * wt, tex.shape[2])
+    corners = flat[jnp.stack([r0 * wt + c0, r0 * wt + c1, r1 * wt + c0, r1 * wt + c1])]
+    top = corners[0] * (1.0 - fx) + corners[1] * fx
+    bottom = corners[2] * (1.0 - fx) + corners[3] * fx
     return top * (1.0 - fy) + bottom * fy
 
 

@@ -117,16 +117,31 @@ def test_shade_sh_matches_faceverse_formula(rng):
 def test_sh_jit_vmap_grad(rng, x64):
     n = jnp.asarray(_unit(rng, 6))
     g = jnp.asarray(rng.normal(size=(4, 3, 9)))
-    batched = jax.jit(jax.vmap(lambda c: shade_sh(jnp.ones((6, 3)), n, c, offset=0.8)))(g)
+    alb = jnp.asarray(rng.uniform(size=(6, 3)))
+
+    def everything(nn, c, a):
+        return (
+            sh_basis(nn, normalize=True),
+            sh_shading(nn, c, offset=0.8),
+            sh_shading(nn, c.T, layout="9x3"),
+            shade_sh(a, nn, c.reshape(27)),
+        )
+
+    f = jax.jit(everything)
+    nb = jnp.stack([n, 1.3 * n, -n, n[::-1]])
+    batched = jax.jit(jax.vmap(everything))(nb, g, jnp.stack([alb] * 4))
     for i in range(4):
-        np.testing.assert_allclose(batched[i], shade_sh(jnp.ones((6, 3)), n, g[i], offset=0.8), rtol=1e-12)
-    nb = jnp.asarray(_unit(rng, 12).reshape(2, 6, 3))
-    np.testing.assert_allclose(jax.vmap(sh_basis)(nb), sh_basis(nb), rtol=1e-12)
-    w = jnp.asarray(rng.normal(size=(6, 3)))
-    check_grad(jax.jit(lambda c: jnp.sum(w * sh_shading(n, c, offset=0.8))), g[0])
-    check_grad(jax.jit(lambda nn: jnp.sum(w * sh_shading(nn, g[1]))), n)
-    check_grad(jax.jit(lambda nn: jnp.sum(sh_basis(nn, normalize=True)[:, 1:] * w[:, :1])), n * 1.3)
-    check_grad(jax.jit(lambda a: jnp.sum(w * shade_sh(a, n, g[2]))), jnp.asarray(rng.uniform(size=(6, 3))))
+        for got, want in zip(batched, f(nb[i], g[i], alb)):
+            np.testing.assert_allclose(got[i], want, rtol=1e-12)
+    # one packed gradient check through every function and argument
+    w = [jnp.asarray(rng.normal(size=(6, k))) for k in (9, 3, 3, 3)]
+    x0 = jnp.concatenate([(1.3 * n).ravel(), g[0].ravel(), alb.ravel()])
+
+    def packed(x):
+        outs = f(x[:18].reshape(6, 3), x[18:45].reshape(3, 9), x[45:].reshape(6, 3))
+        return sum(jnp.sum(wi * o) for wi, o in zip(w, outs))
+
+    check_grad(jax.jit(packed), x0)
 
 
 # ---------------------------------------------------------------- Phong

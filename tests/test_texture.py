@@ -95,38 +95,45 @@ def test_mipmaps(rng):
     np.testing.assert_allclose(build_mipmaps(tex[:, :4])[-1][0, 0], tex[:, :4].mean(axis=(0, 1)), rtol=1e-5)
     assert len(build_mipmaps(tex, levels=2)) == 2
     uv = jnp.asarray(rng.uniform(size=(10, 2)), jnp.float32)
-    np.testing.assert_allclose(sample_texture_mip(mips, uv, 0.0), sample_texture(tex, uv), atol=1e-6)
-    np.testing.assert_allclose(sample_texture_mip(mips, uv, 1.0), sample_texture(mips[1], uv), atol=1e-6)
-    half = 0.5 * (sample_texture(mips[1], uv) + sample_texture(mips[2], uv))
-    np.testing.assert_allclose(sample_texture_mip(mips, uv, 1.5), half, atol=1e-6)
-    np.testing.assert_allclose(sample_texture_mip(mips, uv, 10.0), np.broadcast_to(mips[-1][0, 0], (10, 3)), atol=1e-6)
+    smip = jax.jit(sample_texture_mip)
+    samp = jax.jit(sample_texture)
+    np.testing.assert_allclose(smip(mips, uv, 0.0), samp(tex, uv), atol=1e-6)
+    np.testing.assert_allclose(smip(mips, uv, 1.0), samp(mips[1], uv), atol=1e-6)
+    half = 0.5 * (samp(mips[1], uv) + samp(mips[2], uv))
+    np.testing.assert_allclose(smip(mips, uv, 1.5), half, atol=1e-6)
+    np.testing.assert_allclose(smip(mips, uv, 10.0), np.broadcast_to(mips[-1][0, 0], (10, 3)), atol=1e-6)
+    # per-point levels
+    lv = jnp.asarray(rng.uniform(0, 3, size=10), jnp.float32)
+    per_point = smip(mips, uv, lv)
+    np.testing.assert_allclose(per_point[3], smip(mips, uv[3:4], lv[3])[0], atol=1e-6)
 
 
 def test_jit_vmap_grad(rng, x64):
     tex = jnp.asarray(rng.uniform(size=(4, 5, 3)))
-    # keep UVs away from texel-centre lines (kinks of the bilinear filter)
-    cells = rng.integers(0, 20, size=(6, 2))
-    frac = rng.uniform(0.15, 0.85, size=(6, 2))
-    uv = jnp.asarray(np.stack([(cells[:, 0] + 0.5 + frac[:, 0]) / 5, 1 - (cells[:, 1] + 0.5 + frac[:, 1]) / 4], -1) - 1.0)
-    w = jnp.asarray(rng.normal(size=(6, 3)))
+    # keep UVs away from texel-centre lines (kinks of the bilinear filter, and of clamp)
+    # and from texel edges (jumps of nearest): offsets from a centre in (0.1, 0.4) u (0.6, 0.9)
+    cells = rng.integers(-5, 10, size=(6, 2))
+    frac = rng.uniform(0.1, 0.4, size=(6, 2)) + 0.5 * rng.integers(0, 2, size=(6, 2))
+    uv = jnp.asarray(np.stack([(cells[:, 0] + 0.5 + frac[:, 0]) / 5, 1 - (cells[:, 1] + 0.5 + frac[:, 1]) / 4], -1))
     combos = [(m, wr) for m in ("bilinear", "nearest") for wr in ("repeat", "clamp")]
 
-    def all_combos(t, u):
-        return jnp.stack([sample_texture(t, u, mode=m, wrap=wr) for m, wr in combos])
+    def everything(t, u, lv):
+        mips = build_mipmaps(t, levels=2)
+        outs = [sample_texture(t, u, mode=m, wrap=wr) for m, wr in combos]
+        outs.append(sample_texture_mip(mips, u, lv))
+        return jnp.stack(outs)
 
-    ref = all_combos(tex, uv)
-    f = jax.jit(all_combos)
-    np.testing.assert_allclose(f(tex, uv), ref, rtol=1e-12)
-    vb = jax.jit(jax.vmap(all_combos))(jnp.stack([tex, 2 * tex]), jnp.stack([uv, uv + 0.1]))
-    np.testing.assert_allclose(vb[1], f(2 * tex, uv + 0.1), rtol=1e-12)
+    f = jax.jit(everything)
+    ref = f(tex, uv, 0.7)
+    # eager reference of one combination (the jitted stack must agree)
+    np.testing.assert_allclose(ref[0], sample_texture(tex, uv), rtol=1e-12)
+    vb = jax.jit(jax.vmap(everything))(jnp.stack([tex, 2 * tex]), jnp.stack([uv, uv + 0.1]), jnp.array([0.7, 0.3]))
     np.testing.assert_allclose(vb[0], ref, rtol=1e-12)
-    wc = jnp.asarray(rng.normal(size=(4, 1, 1)))
-    check_grad(jax.jit(lambda t: jnp.sum(wc * w * all_combos(t, uv))), tex)
-    check_grad(jax.jit(lambda u: jnp.sum(w * sample_texture(tex, u))), uv)
-    # clamp: points inside the texture, again off the texel-centre lines
-    inner = np.stack([(rng.integers(0, 4, 6) + 0.5 + frac[:, 0]) / 5, 1 - (rng.integers(0, 3, 6) + 0.5 + frac[:, 1]) / 4], -1)
-    check_grad(jax.jit(lambda u: jnp.sum(w * sample_texture(tex, u, wrap="clamp"))), jnp.asarray(inner))
-    mips = build_mipmaps(tex)
-    check_grad(jax.jit(lambda lv: jnp.sum(w * sample_texture_mip(mips, uv, lv))), jnp.asarray(0.7))
-    vmip = jax.jit(jax.vmap(lambda u, lv: sample_texture_mip(mips, u, lv)))(jnp.stack([uv, uv]), jnp.array([0.2, 1.3]))
-    np.testing.assert_allclose(vmip[1], sample_texture_mip(mips, uv, 1.3), rtol=1e-12)
+    np.testing.assert_allclose(vb[1], f(2 * tex, uv + 0.1, 0.3), rtol=1e-12)
+    w = jnp.asarray(rng.normal(size=(5, 6, 3)))
+    x0 = jnp.concatenate([tex.ravel(), uv.ravel(), jnp.array([0.7])])
+
+    def packed(x):
+        return jnp.sum(w * f(x[:60].reshape(4, 5, 3), x[60:72].reshape(6, 2), x[72]))
+
+    check_grad(jax.jit(packed), x0)
