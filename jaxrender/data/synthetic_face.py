@@ -13,7 +13,7 @@ people.
 Frame and units (the Basel Face Model convention): millimetres; x points to the
 subject's left (the viewer's right), y up, z out of the face towards the
 viewer; the head's centre is near the origin and the nose tip near
-``z = +112``. Render it with a camera on the +z axis looking towards -z.
+``z = +125``. Render it with a camera on the +z axis looking towards -z.
 """
 from __future__ import annotations
 
@@ -182,7 +182,6 @@ def _head_surface(p, t, phi):
     jaw = _smoothstep(-10.0, p["chin_y"] + 5, y) * (1 - neck)
     ax = ax * (1 - (1 - p["jaw_w"]) * jaw)
 
-    T = t[:, None]
     Y = np.broadcast_to(y[:, None], (t.size, phi.size))
     AX = ax[:, None]
     AZ = az[:, None]
@@ -235,7 +234,6 @@ def _head_surface(p, t, phi):
     side = np.clip(np.abs(sphi) - 0.6, 0, None) / 0.4 * (cphi < 0.3)
     ear = p["ear"] * np.exp(-0.5 * (((Y - (p["eye_y"] - 8)) / 20) ** 2 + ((cphi + 0.05) / 0.16) ** 2)) * side
     X = X + np.sign(sphi) * ear
-    del T
     ring = np.stack([X, Y, Z], -1).reshape(-1, 3)
     top = np.array([[0.0, p["head_cy"] + p["head_h"], 0.0]])
     bottom = np.array([[0.0, y_neck[-1] - 4.0, -24.0]])
@@ -311,15 +309,6 @@ def _landmark_targets(p):
     for k in range(5):
         pts.append(((k - 2) * p["nose_w"] * 0.45, nyt - 6 + 1.5 * (abs(k - 2) == 1)))
     # eyes 36..41 (right eye) and 42..47 (left eye), from outer/inner corner clockwise in the image
-    def eye(cx, sign):
-        out = []
-        for ang in (180, 120, 60, 0, -60, -120):
-            a = math.radians(ang)
-            xx = cx + sign * 12.0 * math.cos(a) * (1 if sign < 0 else -1)
-            yy = ey + 0.8 + 4.6 * math.sin(a)
-            out.append((xx, yy))
-        return out
-
     # right eye (at -x): 36 outer corner (image left), 39 inner corner
     for ang in (180, 120, 60, 0, -60, -120):
         a = math.radians(ang)
@@ -337,7 +326,6 @@ def _landmark_targets(p):
     for ang in (180, 120, 90, 60, 0, -60, -90, -120):
         a = math.radians(ang)
         pts.append(((mw - 3) * math.cos(a), my + 1.0 * math.sin(a)))
-    del eye
     return np.array(pts)
 
 
