@@ -15,6 +15,13 @@ from jaxrender import camera as C
 from tests.helpers import check_grad
 
 
+# Compiled once per module: eager JAX compiles every primitive separately on first
+# use, which dominates the run time of small tests.
+project = jax.jit(C.project)
+unproject = jax.jit(C.unproject)
+pixel_rays = jax.jit(C.pixel_rays, static_argnames="normalize")
+
+
 def random_points(rng, n=20, center=(0.0, 0.0, 0.0), spread=1.0):
     return np.asarray(center) + spread * rng.uniform(-1, 1, size=(n, 3))
 
@@ -40,10 +47,10 @@ def test_from_fov_closed_form_and_project(rng):
     cam = C.from_fov(50.0, 64, 48, R=R, t=t)
     X = random_points(rng)
     K = np.array([[f, 0, 32], [0, f, 24], [0, 0, 1]])
-    np.testing.assert_allclose(np.asarray(C.project(cam, X)), np_project(K, R, t, X), rtol=1e-5, atol=1e-4)
+    np.testing.assert_allclose(np.asarray(project(cam, X)), np_project(K, R, t, X), rtol=1e-5, atol=1e-4)
     # the fov spans the image height: a point at the top edge of the frustum maps to y = 0
     edge = np.array([[0.0, -np.tan(np.deg2rad(25.0)) * 3.0, 3.0]])
-    np.testing.assert_allclose(np.asarray(C.project(C.from_fov(50.0, 64, 48), edge))[0], [32, 0, 3], atol=1e-4)
+    np.testing.assert_allclose(np.asarray(project(C.from_fov(50.0, 64, 48), edge))[0], [32, 0, 3], atol=1e-4)
     np.testing.assert_allclose(np.asarray(C.intrinsic_matrix(cam)), K, rtol=1e-6)
 
 
@@ -53,7 +60,7 @@ def test_from_intrinsics(rng):
     t = np.array([0.0, 0.1, 6.0])
     cam = C.from_intrinsics(K, R, t, width=640, height=480)
     X = random_points(rng)
-    np.testing.assert_allclose(np.asarray(C.project(cam, X)), np_project(K, R, t, X), rtol=1e-5, atol=1e-3)
+    np.testing.assert_allclose(np.asarray(project(cam, X)), np_project(K, R, t, X), rtol=1e-5, atol=1e-3)
     np.testing.assert_allclose(np.asarray(C.camera_center(cam)), -R.T @ t, atol=1e-5)
     np.testing.assert_allclose(np.asarray(C.world_to_camera(cam, X)), X @ R.T + t, atol=1e-5)
 
@@ -61,7 +68,7 @@ def test_from_intrinsics(rng):
 def test_orthographic_and_weak_perspective(rng):
     cam = C.orthographic_camera(64, 32, view_height=4.0, t=[0.0, 0.0, 5.0])
     X = random_points(rng)
-    out = np.asarray(C.project(cam, X))
+    out = np.asarray(project(cam, X))
     np.testing.assert_allclose(out[:, 0], 8.0 * X[:, 0] + 32, rtol=1e-5, atol=1e-4)
     np.testing.assert_allclose(out[:, 1], 8.0 * X[:, 1] + 16, rtol=1e-5, atol=1e-4)
     np.testing.assert_allclose(out[:, 2], X[:, 2] + 5, rtol=1e-5)
@@ -70,7 +77,7 @@ def test_orthographic_and_weak_perspective(rng):
     R = Rotation.from_rotvec([0.0, 0.3, 0.0]).as_matrix()
     cam = C.weak_perspective(s, tr, 64, 32, R=R)
     Xr = X @ R.T
-    out = np.asarray(C.project(cam, X))
+    out = np.asarray(project(cam, X))
     np.testing.assert_allclose(out[:, 0], 32 + 16 * s * (Xr[:, 0] + tr[0]), rtol=1e-5, atol=1e-4)
     np.testing.assert_allclose(out[:, 1], 16 + 16 * s * (Xr[:, 1] + tr[1]), rtol=1e-5, atol=1e-4)
     assert cam.orthographic
@@ -83,11 +90,11 @@ def test_project_unproject_round_trip(rng, ortho):
     else:
         cam = C.look_at(np.array([1.0, 2.0, 4.0]), np.zeros(3), fov_y_deg=45.0, width=40, height=30)
     X = random_points(rng)
-    p = C.project(cam, X)
-    np.testing.assert_allclose(np.asarray(C.unproject(cam, p[:, :2], p[:, 2])), X, atol=1e-4)
+    p = project(cam, X)
+    np.testing.assert_allclose(np.asarray(unproject(cam, p[:, :2], p[:, 2])), X, atol=1e-4)
     xy = rng.uniform(0, 30, size=(10, 2))
     d = rng.uniform(1, 5, size=10)
-    back = np.asarray(C.project(cam, C.unproject(cam, xy, d)))
+    back = np.asarray(project(cam, unproject(cam, xy, d)))
     np.testing.assert_allclose(back, np.c_[xy, d], atol=1e-4)
 
 
@@ -97,10 +104,10 @@ def test_pixel_rays_pass_through_pixels(rng, ortho):
         cam = C.orthographic_camera(12, 8, view_height=3.0, R=Rotation.from_rotvec([0.2, 0.4, 0]).as_matrix(), t=[0, 0, 4.0])
     else:
         cam = C.look_at(np.array([1.0, 2.0, 4.0]), np.zeros(3), fov_y_deg=45.0, width=12, height=8)
-    o, d = C.pixel_rays(cam)
+    o, d = pixel_rays(cam)
     assert o.shape == d.shape == (8, 12, 3)
     depth = 3.0
-    p = np.asarray(C.project(cam, (o + depth * d).reshape(-1, 3))).reshape(8, 12, 3)
+    p = np.asarray(project(cam, (o + depth * d).reshape(-1, 3))).reshape(8, 12, 3)
     jj, ii = np.meshgrid(np.arange(12), np.arange(8))
     np.testing.assert_allclose(p[..., 0], jj + 0.5, atol=1e-4)  # column j -> x = j + 0.5
     np.testing.assert_allclose(p[..., 1], ii + 0.5, atol=1e-4)  # row i -> y = i + 0.5 (row 0 at the top)
@@ -109,12 +116,12 @@ def test_pixel_rays_pass_through_pixels(rng, ortho):
         np.testing.assert_allclose(np.asarray(o[3, 5]), [1.0, 2.0, 4.0], atol=1e-5)
     # arbitrary xy, normalized directions
     xy = rng.uniform(0, 8, size=(5, 2))
-    o, d = C.pixel_rays(cam, xy, normalize=True)
+    o, d = pixel_rays(cam, xy, normalize=True)
     np.testing.assert_allclose(np.linalg.norm(np.asarray(d), axis=-1), 1.0, atol=1e-6)
-    p = np.asarray(C.project(cam, o + 2.5 * d))
+    p = np.asarray(project(cam, o + 2.5 * d))
     np.testing.assert_allclose(p[:, :2], xy, atol=1e-4)
     # camera-frame direction of the unnormalized ray is ((x-cx)/fx, (y-cy)/fy, 1)
-    _, d = C.pixel_rays(cam, xy)
+    _, d = pixel_rays(cam, xy)
     dc = np.asarray(d) @ np.asarray(cam.R).T
     if not ortho:
         np.testing.assert_allclose(dc, np.c_[(xy[:, 0] - float(cam.cx)) / float(cam.fx), (xy[:, 1] - float(cam.cy)) / float(cam.fy), np.ones(5)], atol=1e-6)
@@ -124,7 +131,7 @@ def test_pixel_rays_pass_through_pixels(rng, ortho):
 
 def test_look_at_orientation():
     cam = C.look_at(np.array([0.0, 0.0, 5.0]), np.zeros(3), up=(0.0, 1.0, 0.0), fov_y_deg=60.0, width=64, height=64)
-    p = np.asarray(C.project(cam, np.array([[0.0, 0.0, 0.0], [0.0, 1.0, 0.0], [1.0, 0.0, 0.0]])))
+    p = np.asarray(project(cam, np.array([[0.0, 0.0, 0.0], [0.0, 1.0, 0.0], [1.0, 0.0, 0.0]])))
     np.testing.assert_allclose(p[0], [32, 32, 5], atol=1e-4)  # target at the image centre
     assert p[1, 1] < 32  # world up appears up (smaller pixel y)
     assert p[2, 0] > 32  # world +x appears to the right when looking down -z
@@ -132,7 +139,7 @@ def test_look_at_orientation():
     # any eye: the target is at the centre and up stays up
     eye = np.array([3.0, 1.0, -2.0]); target = np.array([0.5, 0.2, 0.1])
     cam = C.look_at(eye, target, width=50, height=40)
-    p = np.asarray(C.project(cam, np.array([target, target + [0, 0.5, 0]])))
+    p = np.asarray(project(cam, np.array([target, target + [0, 0.5, 0]])))
     np.testing.assert_allclose(p[0, :2], [25, 20], atol=1e-4)
     np.testing.assert_allclose(p[1, 0], 25, atol=1e-4)
     assert p[1, 1] < 20
@@ -141,10 +148,10 @@ def test_look_at_orientation():
 def test_points_behind_and_on_camera_plane_are_finite():
     cam = C.from_fov(60.0, 16, 16)
     X = jnp.array([[0.1, 0.2, 0.0], [0.1, 0.2, -1.0], [0.0, 0.0, 0.0]])
-    p = C.project(cam, X)
+    p = project(cam, X)
     assert np.all(np.isfinite(np.asarray(p)))
     np.testing.assert_allclose(np.asarray(p[:, 2]), [0.0, -1.0, 0.0])
-    g = jax.jit(jax.grad(lambda x: C.project(cam, x)[:, :2].sum()))(X)
+    g = jax.jit(jax.grad(lambda x: project(cam, x)[:, :2].sum()))(X)
     assert np.all(np.isfinite(np.asarray(g)))
 
 
@@ -205,7 +212,7 @@ def test_from_opengl(rng, kind):
     cam = C.from_opengl(view, proj, W, H)
     assert cam.orthographic == (kind == "ortho")
     X = random_points(rng)
-    np.testing.assert_allclose(np.asarray(C.project(cam, X)), gl_pixels(view, proj, X, W, H), rtol=1e-5, atol=2e-4)
+    np.testing.assert_allclose(np.asarray(project(cam, X)), gl_pixels(view, proj, X, W, H), rtol=1e-5, atol=2e-4)
     np.testing.assert_allclose([float(cam.znear), float(cam.zfar)], [0.5, 20.0], rtol=1e-5)
 
 
@@ -269,7 +276,7 @@ def test_from_pytorch3d(rng, size, kw):
     if "ortho" in args:
         args["orthographic"] = args.pop("ortho")
     cam = C.from_pytorch3d(R, T, (H, W), **args)
-    np.testing.assert_allclose(np.asarray(C.project(cam, X)), ref, rtol=1e-5, atol=2e-4)
+    np.testing.assert_allclose(np.asarray(project(cam, X)), ref, rtol=1e-5, atol=2e-4)
     # the camera sits where PyTorch3D puts it
     np.testing.assert_allclose(np.asarray(C.camera_center(cam)), -R @ T, atol=1e-5)
 
@@ -288,11 +295,11 @@ def test_from_faceverse(rng):
     X = random_points(rng, spread=1.0)
     cam = C.from_faceverse()
     assert (cam.width, cam.height) == (512, 512)
-    p = np.asarray(C.project(cam, X))
+    p = np.asarray(project(cam, X))
     np.testing.assert_allclose(p[:, :2], faceverse_project_vs(X), rtol=1e-5, atol=1e-3)
     np.testing.assert_allclose(p[:, 2], 10.0 - X[:, 2], rtol=1e-6)
     cam = C.from_faceverse(focal=1015.0, width=256, height=256, distance=8.0)
-    np.testing.assert_allclose(np.asarray(C.project(cam, X))[:, :2], faceverse_project_vs(X, 1015.0, 256, 8.0), rtol=1e-5, atol=1e-3)
+    np.testing.assert_allclose(np.asarray(project(cam, X))[:, :2], faceverse_project_vs(X, 1015.0, 256, 8.0), rtol=1e-5, atol=1e-3)
     np.testing.assert_allclose(np.asarray(C.camera_center(cam)), [0, 0, 8.0], atol=1e-6)
 
 
@@ -420,20 +427,41 @@ CASES = {
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_jit_vmap_grad(name, x64):
     f, x0 = CASES[name]
-    x = jnp.asarray(x0, jnp.float64)
-    ref = np.asarray(jax.jit(f)(x))
-    assert np.all(np.isfinite(ref))
-    x2 = x * 1.01  # vmap over a batch of cameras
-    out = np.asarray(jax.jit(jax.vmap(f))(jnp.stack([x, x2])))
-    np.testing.assert_allclose(out, np.stack([ref, np.asarray(jax.jit(f)(x2))]), rtol=1e-12, atol=1e-12)
-    w = jnp.asarray(np.random.default_rng(2).normal(size=ref.shape))
-    check_grad(jax.jit(lambda p: jnp.sum(f(p) * w)), x)
+    check_jit_vmap_grad(f, jnp.asarray(x0, jnp.float64))
 
 
 def test_grad_wrt_points_and_vmap_over_points(x64):
     cam = C.look_at(jnp.array([1.0, 2.0, 4.0]), jnp.zeros(3), width=8, height=6)
-    f = jax.jit(lambda X: jnp.sum(C.project(cam, X) ** 2) + jnp.sum(C.unproject(cam, X[:, :2] * 5, X[:, 2] + 3) ** 2))
-    check_grad(f, jnp.asarray(_X))
+    check_jit_vmap_grad(lambda X: _cat(C.project(cam, X), C.unproject(cam, X[:, :2] * 5, X[:, 2] + 3)), jnp.asarray(_X))
     # vmap over a leading batch of point sets equals the batched call
     Xb = jnp.stack([jnp.asarray(_X), jnp.asarray(_X) * 2])
-    np.testing.assert_allclose(np.asarray(jax.vmap(lambda X: C.project(cam, X))(Xb)), np.asarray(C.project(cam, Xb)), atol=1e-12)
+    np.testing.assert_allclose(np.asarray(jax.vmap(lambda X: project(cam, X))(Xb)), np.asarray(project(cam, Xb)), atol=1e-12)
+
+
+def check_jit_vmap_grad(f, x):
+    """``f`` under jit, under vmap over a leading batch, and its gradient vs central differences.
+
+    Everything is compiled in one function (compilation dominates on the CPU);
+    ``check_grad`` sees a ``custom_vjp`` wrapper whose value and gradient come
+    from that compiled function.
+    """
+    x2 = x * 1.01
+    w = jnp.asarray(np.random.default_rng(2).normal(size=np.shape(jax.eval_shape(f, x))))
+
+    def g(p):
+        return jnp.sum(f(p) * w)
+
+    @jax.jit
+    def everything(p):
+        return f(p), f(x2), jax.vmap(f)(jnp.stack([p, x2])), jax.value_and_grad(g)(p)
+
+    y, y2, yb, _ = everything(x)
+    assert np.all(np.isfinite(np.asarray(y)))
+    np.testing.assert_allclose(np.asarray(yb), np.stack([np.asarray(y), np.asarray(y2)]), rtol=1e-12, atol=1e-12)
+
+    @jax.custom_vjp
+    def g_compiled(p):
+        return everything(p)[3][0]
+
+    g_compiled.defvjp(lambda p: (everything(p)[3][0], everything(p)[3][1]), lambda grad, ct: (ct * grad,))
+    check_grad(g_compiled, x)
