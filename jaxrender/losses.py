@@ -416,6 +416,13 @@ def _adjacency(faces_or_adj, fn):
     return edge_adjacency(faces_or_adj)
 
 
+def _gather4(vertices, adj):
+    # one gather (one scatter-add in the backward pass) instead of four
+    idx = jnp.stack([adj.v0, adj.v1, adj.v2, adj.v3])
+    p = vertices[idx]
+    return p[0], p[1], p[2], p[3]
+
+
 def normal_consistency(vertices, faces):
     """Normal consistency (PyTorch3D's ``mesh_normal_consistency``).
 
@@ -437,7 +444,7 @@ def normal_consistency(vertices, faces):
     adj = _adjacency(faces, "normal_consistency")
     if adj.v0.shape[0] == 0:
         return jnp.zeros((), vertices.dtype)
-    p0, p1, p2, p3 = (vertices[i] for i in (adj.v0, adj.v1, adj.v2, adj.v3))
+    p0, p1, p2, p3 = _gather4(vertices, adj)
     a = p1 - p0
     n0 = _safe_normalize(jnp.cross(a, p2 - p0))
     n1 = -_safe_normalize(jnp.cross(a, p3 - p0))
@@ -469,7 +476,7 @@ def flatten_loss(vertices, faces):
     adj = _adjacency(faces, "flatten_loss")
     if adj.v0.shape[0] == 0:
         return jnp.zeros((), vertices.dtype)
-    p0, p1, p2, p3 = (vertices[i] for i in (adj.v0, adj.v1, adj.v2, adj.v3))
+    p0, p1, p2, p3 = _gather4(vertices, adj)
     a = p1 - p0
     aa = jnp.maximum(jnp.sum(a * a, axis=-1, keepdims=True), _tiny(a.dtype))
     b1 = p2 - p0

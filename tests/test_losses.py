@@ -201,19 +201,32 @@ def test_value_losses_jit_vmap_grad(rng, x64):
 
 def test_laplacian_smoothing_matches_numpy(rng):
     v, f = _sphere(rng)
-    np.testing.assert_allclose(laplacian_smoothing(jnp.asarray(v, jnp.float32), f), _np_uniform(v, f).mean(), rtol=1e-5)
-    np.testing.assert_allclose(laplacian_smoothing(jnp.asarray(v, jnp.float32), f, method="cot"), _np_cot(v, f).mean(), rtol=1e-4)
-    np.testing.assert_allclose(
-        laplacian_smoothing(jnp.asarray(v, jnp.float32), f, reduction="none"), _np_uniform(v, f), rtol=1e-4, atol=1e-6
-    )
-    # an unused vertex counts in the mean with 0
-    v2 = np.concatenate([v, [[5.0, 5.0, 5.0]]])
-    np.testing.assert_allclose(laplacian_smoothing(jnp.asarray(v2, jnp.float32), f), _np_uniform(v, f).sum() / len(v2), rtol=1e-5)
-    # the precomputed Laplacian gives the same
+    v2 = np.concatenate([v, [[5.0, 5.0, 5.0]]])  # plus an unused vertex
     L = mesh.uniform_laplacian(len(v), f)
-    np.testing.assert_allclose(laplacian_smoothing(jnp.asarray(v, jnp.float32), L), _np_uniform(v, f).mean(), rtol=1e-5)
+
+    @jax.jit
+    def run(x, x2):
+        return (
+            laplacian_smoothing(x, f),
+            laplacian_smoothing(x, f, method="cot"),
+            laplacian_smoothing(x, f, reduction="none"),
+            laplacian_smoothing(x2, f),
+            laplacian_smoothing(x, L),
+        )
+
+    uni, cot, per_vertex, with_unused, pre = run(jnp.asarray(v, jnp.float32), jnp.asarray(v2, jnp.float32))
+    ref = _np_uniform(v, f)
+    np.testing.assert_allclose(uni, ref.mean(), rtol=1e-5)
+    np.testing.assert_allclose(cot, _np_cot(v, f).mean(), rtol=1e-4)
+    np.testing.assert_allclose(per_vertex, ref, rtol=1e-4, atol=1e-6)
+    # the unused vertex counts in the mean with 0
+    np.testing.assert_allclose(with_unused, ref.sum() / len(v2), rtol=1e-5)
+    # the precomputed Laplacian gives the same
+    np.testing.assert_allclose(pre, ref.mean(), rtol=1e-5)
     with pytest.raises(ValueError, match="method"):
         laplacian_smoothing(v, f, method="cotcurv")
+    with pytest.raises(ValueError, match="reduction"):
+        laplacian_smoothing(v, f, reduction="sum")
 
 
 def test_laplacian_zero_on_planar_interior(rng):
@@ -221,30 +234,37 @@ def test_laplacian_zero_on_planar_interior(rng):
     v = np.asarray(p.vertices, np.float64)
     interior = (np.abs(v[:, 0]) < 0.99) & (np.abs(v[:, 1]) < 0.99)
     assert interior.sum() == 6
-    u = laplacian_smoothing(jnp.asarray(v, jnp.float32), p.faces, reduction="none")
-    np.testing.assert_allclose(np.asarray(u)[interior], 0.0, atol=1e-6)
-    assert np.all(np.asarray(u)[~interior] > 0)
-    # cotangent weights have linear precision: still zero after moving interior vertices in-plane
     vj = v.copy()
     vj[interior, :2] += rng.uniform(-0.1, 0.1, size=(6, 2))
-    c = laplacian_smoothing(jnp.asarray(vj, jnp.float32), p.faces, method="cot", reduction="none")
-    np.testing.assert_allclose(np.asarray(c)[interior], 0.0, atol=1e-5)
+
+    @jax.jit
+    def run(x, xj):
+        return laplacian_smoothing(x, p.faces, reduction="none"), laplacian_smoothing(xj, p.faces, method="cot", reduction="none")
+
+    u, c = (np.asarray(a) for a in run(jnp.asarray(v, jnp.float32), jnp.asarray(vj, jnp.float32)))
+    np.testing.assert_allclose(u[interior], 0.0, atol=1e-6)
+    assert np.all(u[~interior] > 0)
+    # cotangent weights have linear precision: still zero after moving interior vertices in-plane
+    np.testing.assert_allclose(c[interior], 0.0, atol=1e-5)
 
 
 def test_edge_length_loss(rng):
     v, f = _sphere(rng)
     e = np.asarray(mesh.edges(f))
     ln = np.linalg.norm(v[e[:, 0]] - v[e[:, 1]], axis=1)
-    vj = jnp.asarray(v, jnp.float32)
-    np.testing.assert_allclose(edge_length_loss(vj, f), np.mean(ln**2), rtol=1e-5)
-    np.testing.assert_allclose(edge_length_loss(vj, e, 0.5), np.mean((ln - 0.5) ** 2), rtol=1e-5)
-    np.testing.assert_allclose(edge_length_loss(vj, jnp.asarray(e), jnp.asarray(0.5)), np.mean((ln - 0.5) ** 2), rtol=1e-5)
+
+    @jax.jit
+    def run(x, t):
+        return edge_length_loss(x, f), edge_length_loss(x, e, 0.5), edge_length_loss(x, jnp.asarray(e), t)
+
+    a, b, c = run(jnp.asarray(v, jnp.float32), jnp.asarray(0.5, jnp.float32))
+    np.testing.assert_allclose(a, np.mean(ln**2), rtol=1e-5)
+    np.testing.assert_allclose(b, np.mean((ln - 0.5) ** 2), rtol=1e-5)
+    np.testing.assert_allclose(c, np.mean((ln - 0.5) ** 2), rtol=1e-5)
     with pytest.raises(ValueError, match="edges_or_faces"):
-        edge_length_loss(vj, np.zeros((4, 4), np.int32))
-    # zero-length edge: finite gradient
-    vz = jnp.zeros((3, 3))
-    g = jax.grad(lambda x: edge_length_loss(x, np.array([[0, 1, 2]]), 1.0))(vz)
-    assert np.all(np.isfinite(g))
+        edge_length_loss(v, np.zeros((4, 4), np.int32))
+    with pytest.raises(TypeError, match="edges"):
+        jax.jit(edge_length_loss)(jnp.zeros((3, 3)), jnp.array([[0, 1, 2]]))
 
 
 def test_adjacency_and_normal_consistency(rng):
@@ -255,21 +275,20 @@ def test_adjacency_and_normal_consistency(rng):
     ref_pairs = {(a, b, frozenset((x, y))) for a, b, x, y in _np_pairs(f)}
     got = {(int(a), int(b), frozenset((int(x), int(y)))) for a, b, x, y in zip(adj.v0, adj.v1, adj.v2, adj.v3)}
     assert got == ref_pairs
-    vj = jnp.asarray(v, jnp.float32)
-    np.testing.assert_allclose(normal_consistency(vj, f), _np_normal_consistency(v, f), rtol=1e-4)
-    np.testing.assert_allclose(normal_consistency(vj, adj), _np_normal_consistency(v, f), rtol=1e-4)
+    nc = jax.jit(normal_consistency)
+    np.testing.assert_allclose(nc(jnp.asarray(v, jnp.float32), adj), _np_normal_consistency(v, f), rtol=1e-4)
     # flat plane -> 0; winding of one face flipped makes no difference
     p = mesh.plane(3, 3)
-    np.testing.assert_allclose(normal_consistency(p.vertices, p.faces), 0.0, atol=1e-6)
     pf = np.asarray(p.faces).copy()
     pf[0] = pf[0, ::-1]
-    np.testing.assert_allclose(normal_consistency(p.vertices, pf), 0.0, atol=1e-6)
+    np.testing.assert_allclose(nc(p.vertices, normal_consistency_setup(p.faces)), 0.0, atol=1e-6)
+    np.testing.assert_allclose(nc(p.vertices, normal_consistency_setup(pf)), 0.0, atol=1e-6)
     # a fully folded pair of triangles -> 2; a right-angle fold -> 1
+    ff = normal_consistency_setup(np.array([[0, 1, 2], [1, 0, 3]]))
     fv = np.array([[0, 0, 0], [1, 0, 0], [0.5, 1, 0], [0.5, 1, 0]], np.float32)
-    ff = np.array([[0, 1, 2], [1, 0, 3]])
-    np.testing.assert_allclose(normal_consistency(fv, ff), 2.0, atol=1e-6)
+    np.testing.assert_allclose(nc(fv, ff), 2.0, atol=1e-6)
     fv[3] = [0.5, 0, 1]
-    np.testing.assert_allclose(normal_consistency(fv, ff), 1.0, atol=1e-6)
+    np.testing.assert_allclose(nc(fv, ff), 1.0, atol=1e-6)
     # non-manifold edge shared by 3 faces gives 3 pairs; no shared edge gives 0
     nm = np.array([[0, 1, 2], [1, 0, 3], [0, 1, 4]])
     assert normal_consistency_setup(nm).v0.shape == (3,)
@@ -278,21 +297,24 @@ def test_adjacency_and_normal_consistency(rng):
 
 def test_flatten_loss(rng):
     v, f = _sphere(rng)
-    vj = jnp.asarray(v, jnp.float32)
-    np.testing.assert_allclose(flatten_loss(vj, f), _np_flatten(v, f), rtol=1e-4)
-    np.testing.assert_allclose(flatten_loss(vj, f), _np_flatten(v, f, eps=1e-6), rtol=1e-3)
+    fl = jax.jit(flatten_loss)
+    out = fl(jnp.asarray(v, jnp.float32), flatten_loss_setup(f))
+    np.testing.assert_allclose(out, _np_flatten(v, f), rtol=1e-4)
+    np.testing.assert_allclose(out, _np_flatten(v, f, eps=1e-6), rtol=1e-3)
     p = mesh.plane(4, 4)
-    np.testing.assert_allclose(flatten_loss(p.vertices, p.faces), 0.0, atol=1e-6)
+    np.testing.assert_allclose(fl(p.vertices, flatten_loss_setup(p.faces)), 0.0, atol=1e-6)
     # right-angle fold: cos = 0 -> 1; a flat pair -> 0
-    fv = np.array([[0, 0, 0], [1, 0, 0], [0.5, 1, 0], [0.5, 0, 1]], np.float32)
     ff = np.array([[0, 1, 2], [1, 0, 3]])
-    np.testing.assert_allclose(flatten_loss(fv, ff), 1.0, atol=1e-6)
+    adj = flatten_loss_setup(ff)
+    fv = np.array([[0, 0, 0], [1, 0, 0], [0.5, 1, 0], [0.5, 0, 1]], np.float32)
+    np.testing.assert_allclose(fl(fv, adj), 1.0, atol=1e-6)
     fv[3] = [0.5, -1, 0]
-    np.testing.assert_allclose(flatten_loss(fv, ff), 0.0, atol=1e-6)
-    # degenerate: collapsed vertices stay finite
-    z = jnp.zeros((4, 3))
-    assert np.isfinite(float(flatten_loss(z, ff)))
-    assert np.all(np.isfinite(jax.grad(lambda x: flatten_loss(x, ff) + normal_consistency(x, ff))(z)))
+    np.testing.assert_allclose(fl(fv, adj), 0.0, atol=1e-6)
+    # degenerate: collapsed vertices stay finite, values and gradients
+    val, g = jax.jit(jax.value_and_grad(lambda x: flatten_loss(x, adj) + normal_consistency(x, adj)))(jnp.zeros((4, 3)))
+    assert np.isfinite(float(val)) and np.all(np.isfinite(g))
+    g = jax.jit(jax.grad(lambda x: edge_length_loss(x, jnp.array([[0, 1], [1, 2]]), 1.0)))(jnp.zeros((3, 3)))
+    assert np.all(np.isfinite(g))
 
 
 def test_traced_faces_error():
@@ -307,7 +329,7 @@ def test_mesh_losses_jit_vmap_grad(rng, x64):
     v, f = _sphere(rng, level=0, jitter=0.1)
     adj = flatten_loss_setup(f)
     L = mesh.uniform_laplacian(len(v), f)
-    e = jnp.asarray(mesh.edges(f))
+    e = mesh.edges(f)
 
     def all_losses(x, adj, L, e):
         return jnp.stack(
@@ -324,22 +346,28 @@ def test_mesh_losses_jit_vmap_grad(rng, x64):
     vj = jnp.asarray(v)
     jitted = jax.jit(all_losses)
     ref = jitted(vj, adj, L, e)
-    e = np.asarray(e)
-    np.testing.assert_allclose(np.asarray(ref)[[0, 2, 4, 5]], [_np_uniform(v, f).mean(), np.mean(np.sum((v[e[:, 0]] - v[e[:, 1]]) ** 2, -1)), _np_normal_consistency(v, f), _np_flatten(v, f)], rtol=1e-10)
-    # faces given directly (concrete, closed over) under jit agree with the precomputed structures
-    direct = jax.jit(lambda x: jnp.stack([laplacian_smoothing(x, f), edge_length_loss(x, f), normal_consistency(x, f), flatten_loss(x, f)]))(vj)
-    np.testing.assert_allclose(direct, ref[jnp.array([0, 2, 4, 5])], rtol=1e-12)
+    np.testing.assert_allclose(
+        np.asarray(ref)[[0, 2, 4, 5]],
+        [_np_uniform(v, f).mean(), np.mean(np.sum((v[e[:, 0]] - v[e[:, 1]]) ** 2, -1)), _np_normal_consistency(v, f), _np_flatten(v, f)],
+        rtol=1e-10,
+    )
+    np.testing.assert_allclose(ref[1], _np_cot(v, f).mean(), rtol=1e-10)
     vb = jax.jit(jax.vmap(all_losses, in_axes=(0, None, None, None)))(jnp.stack([vj, 1.5 * vj]), adj, L, e)
     np.testing.assert_allclose(vb[0], ref, rtol=1e-12)
     np.testing.assert_allclose(vb[1], jitted(1.5 * vj, adj, L, e), rtol=1e-12)
     w = jnp.asarray(rng.normal(size=6))
     check_grad(jax.jit(lambda x: jnp.sum(w * all_losses(x, adj, L, e))), vj)
-    # PyTorch3D semantics: cot weights held constant
-    Lc = jax.lax.stop_gradient(mesh.cotangent_laplacian(vj, jnp.asarray(f)))
-    wsum = -jnp.diag(Lc.todense())
 
-    def fixed_weights(x):
-        return jnp.mean(jnp.linalg.norm(mesh.laplacian_apply(Lc, x) / wsum[:, None], axis=1))
+    # PyTorch3D semantics: by default the cot weights are held constant
+    @jax.jit
+    def both_grads(x):
+        Lc = jax.lax.stop_gradient(mesh.cotangent_laplacian(x, jnp.asarray(f)))
+        wsum = -jnp.diag(Lc.todense())
 
-    g = jax.jit(jax.grad(lambda x: laplacian_smoothing(x, f, method="cot")))(vj)
-    np.testing.assert_allclose(g, jax.jit(jax.grad(fixed_weights))(vj), rtol=1e-10, atol=1e-12)
+        def fixed_weights(y):
+            return jnp.mean(jnp.linalg.norm(mesh.laplacian_apply(Lc, y) / wsum[:, None], axis=1))
+
+        return jax.grad(lambda y: laplacian_smoothing(y, f, method="cot"))(x), jax.grad(fixed_weights)(x)
+
+    g, g_ref = both_grads(vj)
+    np.testing.assert_allclose(g, g_ref, rtol=1e-10, atol=1e-12)
