@@ -44,6 +44,18 @@ directions are re-normalised with a safe normalisation, so zero-length
 normals, or a point light placed exactly at the shaded point, give finite
 values and finite gradients.
 
+Every light carries only the colours it contributes (``AmbientLight`` the
+ambient term, directional / point lights the diffuse and specular terms),
+whereas a PyTorch3D light object carries all three. PyTorch3D's default
+``PointLights()`` (ambient 0.5, diffuse 0.3, specular 0.2 at ``(0, 1, 0)``)
+with default ``Materials()`` is therefore::
+
+    lights = [AmbientLight(0.5), PointLight((0.0, 1.0, 0.0), color=0.3, specular_color=0.2)]
+    phong_shading(points, normals, albedo, lights, Material(), eye)
+
+and FaceVerse's renderer (ambient 1, diffuse 0, specular 0) is
+``[AmbientLight(1.0)]``, i.e. the SH-shaded vertex colour passes through.
+
 All quantities are unitless linear RGB; positions and directions must be in
 one common frame (world or camera).
 """
