@@ -167,3 +167,25 @@ def test_bfm_roundtrip(model, tmp_path):
     np.testing.assert_allclose(r.id_variance, model.id_variance, rtol=1e-4)
     assert r.eye_ranges == model.eye_ranges and r.landmark_names == model.landmark_names
     assert set(r.masks) == set(model.masks)
+    np.testing.assert_allclose(r.uvs, model.uvs)
+    np.testing.assert_array_equal(r.face_uvs, model.face_uvs)
+
+
+def test_uvs_are_consistent(model):
+    uv, fuv, f = np.asarray(model.uvs), np.asarray(model.face_uvs), np.asarray(model.faces)
+    assert fuv.shape == f.shape and uv.min() >= 0 and uv.max() <= 1
+    # each vertex has one UV, except on the seam at the back of the head (two)
+    pairs = np.unique(np.stack([f.reshape(-1), fuv.reshape(-1)], 1), axis=0)
+    per_vertex = np.bincount(pairs[:, 0], minlength=model.num_vertices)
+    assert per_vertex.max() <= 2 and (per_vertex == 2).sum() < 0.05 * model.num_vertices
+    # UV triangles of the head do not fold over: one orientation, as seen from outside
+    (l0, _), _ = model.eye_ranges
+    head = (f < l0).all(1)
+    t = uv[fuv[head]]
+    area = (t[:, 1, 0] - t[:, 0, 0]) * (t[:, 2, 1] - t[:, 0, 1]) - (t[:, 2, 0] - t[:, 0, 0]) * (t[:, 1, 1] - t[:, 0, 1])
+    nondeg = np.abs(area) > 1e-12
+    assert (np.sign(area[nondeg]) == np.sign(area[nondeg][0])).all()
+    # the face is at the centre of the texture
+    nose = np.asarray(model.landmark_indices)[30]
+    nose_uv = uv[fuv[np.nonzero(f == nose)]][0]
+    assert abs(nose_uv[0] - 0.5) < 0.05

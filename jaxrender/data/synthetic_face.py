@@ -87,6 +87,7 @@ _VARIATION = dict(  # standard deviation of each parameter in the population
 EYE_RADIUS = 12.0
 EYE_SINK = 2.5  # depth of the cornea's front behind the closed-lid skin surface
 LID_PUSH = 9.0  # how far the skin inside the lid opening is pushed back
+EYE_UV_BOX = (0.0, 0.0, 0.08, 0.08)  # both eyeballs share this corner of the texture (back of the neck)
 IRIS_COS = math.cos(math.radians(30.0))  # angular radius of the iris on the eyeball
 PUPIL_COS = math.cos(math.radians(13.0))
 
@@ -118,47 +119,62 @@ def _grid(resolution):
     return t, phi
 
 
-def _grid_faces(n_lat, n_lon):
+def _grid_faces(n_lat, n_lon, uv=False):
     """Triangles of a closed lat-long grid with a pole vertex at each end.
 
     Vertex ``1 + i * n_lon + j`` is ring ``i``, longitude ``j``; vertex 0 is the
-    crown, the last one the neck's base. Winding gives outward normals.
+    first pole, the last one the other pole. With ``uv=True`` the same
+    triangles index a UV grid with a duplicated seam column (``n_lon + 1``
+    columns), so texture coordinates do not wrap.
     """
-    idx = 1 + np.arange(n_lat * n_lon).reshape(n_lat, n_lon)
-    jn = np.roll(np.arange(n_lon), -1)
-    a = idx[:-1, :]
+    cols = n_lon + 1 if uv else n_lon
+    idx = 1 + np.arange(n_lat * cols).reshape(n_lat, cols)
+    j = np.arange(n_lon)
+    jn = j + 1 if uv else np.roll(j, -1)
+    a = idx[:-1, j]
     b = idx[:-1, jn]
-    c = idx[1:, :]
+    c = idx[1:, j]
     d = idx[1:, jn]
     quads = np.concatenate([np.stack([a, b, c], -1).reshape(-1, 3), np.stack([b, d, c], -1).reshape(-1, 3)])
-    top = np.stack([np.zeros(n_lon, int), idx[0, jn], idx[0, :]], -1)
-    bottom_v = 1 + n_lat * n_lon
-    bottom = np.stack([np.full(n_lon, bottom_v), idx[-1, :], idx[-1, jn]], -1)
-    f = np.concatenate([top, quads, bottom])
-    return f
+    top = np.stack([np.zeros(n_lon, int), idx[0, jn], idx[0, j]], -1)
+    bottom_v = 1 + n_lat * cols
+    bottom = np.stack([np.full(n_lon, bottom_v), idx[-1, j], idx[-1, jn]], -1)
+    return np.concatenate([top, quads, bottom])
+
+
+def _grid_uvs(v_rows, n_lon, box=(0.0, 0.0, 1.0, 1.0)):
+    """UVs of a ``_grid_faces(..., uv=True)`` grid: u along the longitude, v per ring."""
+    u0, v0, w, h = box
+    u = np.arange(n_lon + 1) / n_lon
+    uu, vv = np.meshgrid(u, v_rows, indexing="xy")
+    ring = np.stack([uu, vv], -1).reshape(-1, 2)
+    uv = np.concatenate([[[0.5, 1.0]], ring, [[0.5, 0.0]]])
+    return uv * np.array([w, h]) + np.array([u0, v0])
 
 
 def _sphere(n):
-    """Unit UV sphere around +z (pole at +z): returns (vertices, faces)."""
+    """Unit UV sphere around +z (pole at +z): (vertices, faces, face_uvs, uvs)."""
     n_lat, n_lon = n, 2 * n
-    th = np.linspace(0, np.pi, n_lat + 2)[1:-1]
+    th1 = np.linspace(0, np.pi, n_lat + 2)[1:-1]
     ph = np.arange(n_lon) / n_lon * 2 * np.pi
-    th, ph = np.meshgrid(th, ph, indexing="ij")
+    th, ph = np.meshgrid(th1, ph, indexing="ij")
     ring = np.stack([np.sin(th) * np.cos(ph), np.sin(th) * np.sin(ph), np.cos(th)], -1).reshape(-1, 3)
     v = np.concatenate([[[0, 0, 1.0]], ring, [[0, 0, -1.0]]])
-    f = _grid_faces(n_lat, n_lon)
-    # _grid_faces winds for a y-down parameterisation; fix orientation for this one
-    f = _orient_outward(v, f)
-    return v, f
+    f, flipped = _orient_outward(v, _grid_faces(n_lat, n_lon))
+    fuv = _grid_faces(n_lat, n_lon, uv=True)
+    if flipped:
+        fuv = fuv[:, [0, 2, 1]]
+    return v, f, fuv, _grid_uvs(1 - th1 / np.pi, n_lon, EYE_UV_BOX)
 
 
 def _orient_outward(v, f):
+    """Flip the winding if the normals point inwards; returns (faces, flipped)."""
     c = v.mean(0)
     n = np.cross(v[f[:, 1]] - v[f[:, 0]], v[f[:, 2]] - v[f[:, 0]])
     centre = v[f].mean(1) - c
     if np.sum(np.einsum("ij,ij->i", n, centre)) < 0:
-        f = f[:, [0, 2, 1]]
-    return f
+        return f[:, [0, 2, 1]], True
+    return f, False
 
 
 def _head_surface(p, t, phi):
@@ -550,13 +566,20 @@ def _build(resolution, n_id, n_exp, n_albedo, seed, n_population):
     rng = np.random.default_rng(seed)
     t, phi = _grid(resolution)
     n_lat, n_lon = t.size, phi.size
-    head_faces = _orient_outward(_head_surface(DEFAULTS, t, phi), _grid_faces(n_lat, n_lon))
+    head_faces, flipped = _orient_outward(_head_surface(DEFAULTS, t, phi), _grid_faces(n_lat, n_lon))
+    head_fuv = _grid_faces(n_lat, n_lon, uv=True)
+    if flipped:
+        head_fuv = head_fuv[:, [0, 2, 1]]
+    head_uv = _grid_uvs(0.99 - 0.98 * (t - t[0]) / (t[-1] - t[0]), n_lon)
     n_head = n_lat * n_lon + 2
     eye_res = max(8, resolution // 5)
-    eye_unit, eye_faces = _sphere(eye_res)
+    eye_unit, eye_faces, eye_fuv, eye_uv = _sphere(eye_res)
     n_eye = len(eye_unit)
     eye_ranges = ((n_head, n_head + n_eye), (n_head + n_eye, n_head + 2 * n_eye))
     faces = np.concatenate([head_faces, eye_faces + n_head, eye_faces + n_head + n_eye]).astype(np.int32)
+    n_huv = len(head_uv)
+    uvs = np.concatenate([head_uv, eye_uv]).astype(np.float32)
+    face_uvs = np.concatenate([head_fuv, eye_fuv + n_huv, eye_fuv + n_huv]).astype(np.int32)
 
     # population of identities
     params = []
@@ -606,6 +629,8 @@ def _build(resolution, n_id, n_exp, n_albedo, seed, n_population):
         exp_variance=np.ones(n_exp, np.float32),
         albedo_variance=alb_var.astype(np.float32),
         eye_ranges=eye_ranges,
+        uvs=uvs,
+        face_uvs=face_uvs,
     )
 
 
@@ -636,8 +661,11 @@ def synthetic_face_model(resolution: int = 96, n_id: int = 40, n_exp: int = len(
       x to the subject's left, y up, z towards the viewer) with
       ``landmark_indices`` in the iBUG 68-point layout (jaw 0-16 starting on
       the subject's right, brows 17-26, nose 27-35, eyes 36-47, mouth 48-67),
-      ``masks`` ``"face"``, ``"skin"`` and ``"eyes"``, and ``eye_ranges``
-      (subject's left eyeball first). Deterministic for a given argument set;
+      ``masks`` ``"face"``, ``"skin"`` and ``"eyes"``, ``eye_ranges``
+      (subject's left eyeball first) and UVs (``uvs``, ``face_uvs``: a
+      cylindrical map of the head with the face at the centre, u = 0.5, the
+      crown at the top and a seam at the back; both eyeballs share the
+      corner ``[0, 0.08]^2``). Deterministic for a given argument set;
       results are cached, so repeated calls are cheap.
     """
     from jaxrender.morphable.model import MorphableModel
@@ -652,4 +680,5 @@ def synthetic_face_model(resolution: int = 96, n_id: int = 40, n_exp: int = len(
         d["mean_shape"] * s, d["id_basis"] * s, d["exp_basis"] * s, d["mean_albedo"], d["albedo_basis"], d["faces"],
         d["landmark_indices"], masks=d["masks"], id_variance=d["id_variance"] * s * s, exp_variance=d["exp_variance"],
         albedo_variance=d["albedo_variance"], eye_ranges=d["eye_ranges"], landmark_names=IBUG68_NAMES,
+        uvs=d["uvs"], face_uvs=d["face_uvs"],
     )

@@ -189,12 +189,16 @@ def load_bfm(path, scale: float = 1.0, n_id: int | None = None, n_exp: int | Non
         if f"{_JR}/eye_ranges" in f:
             er = np.asarray(f[f"{_JR}/eye_ranges"][()]).astype(int).reshape(2, 2)
             eye_ranges = tuple(map(tuple, er.tolist()))
+        uvs = face_uvs = None
+        if f"{_JR}/uvs" in f and f"{_JR}/face_uvs" in f:
+            uvs = np.asarray(f[f"{_JR}/uvs"][()], dtype)
+            face_uvs = np.asarray(f[f"{_JR}/face_uvs"][()]).astype(np.int32)
     c = lambda x: np.asarray(x, dtype)  # noqa: E731
     return MorphableModel(
         c(mean * scale), c(id_b * scale), c(exp_b * scale), c(_colors01(col_mean)),
         c(col_b / 255.0 if np.nanmax(np.abs(col_mean)) > 1.5 else col_b), faces.astype(np.int32), lm_idx,
         masks=masks, id_variance=c(id_v), exp_variance=c(exp_v), albedo_variance=c(col_v),
-        eye_ranges=eye_ranges, landmark_names=lm_names,
+        eye_ranges=eye_ranges, landmark_names=lm_names, uvs=uvs, face_uvs=face_uvs,
     )
 
 
@@ -215,7 +219,7 @@ def save_bfm(model: MorphableModel, path, scale: float = 1.0):
     arrays (up to float32 rounding). Landmarks are written as
     ``metadata/landmarks/json`` (names and mean-shape coordinates, as in the
     Basel files). Data the Basel layout has no place for — exact landmark
-    indices, masks, eyeball ranges — go under ``metadata/jaxrender/``.
+    indices, masks, eyeball ranges, UVs — go under ``metadata/jaxrender/``.
     Positions are divided by ``scale`` (pass the ``scale`` you loaded with).
     """
     import h5py
@@ -245,6 +249,9 @@ def save_bfm(model: MorphableModel, path, scale: float = 1.0):
                 f.create_dataset(f"{_JR}/masks/{k}", data=np.asarray(v))
         if model.eye_ranges is not None:
             f.create_dataset(f"{_JR}/eye_ranges", data=np.asarray(model.eye_ranges, np.int64))
+        if model.uvs is not None and model.face_uvs is not None:
+            f.create_dataset(f"{_JR}/uvs", data=np.asarray(model.uvs))
+            f.create_dataset(f"{_JR}/face_uvs", data=np.asarray(model.face_uvs, np.int32))
         f.create_dataset("version/majorVersion", data=np.int32(1))
         f.create_dataset("version/minorVersion", data=np.int32(0))
 
