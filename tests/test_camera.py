@@ -106,6 +106,10 @@ def test_pixel_rays_pass_through_pixels(rng, ortho):
         cam = C.look_at(np.array([1.0, 2.0, 4.0]), np.zeros(3), fov_y_deg=45.0, width=12, height=8)
     o, d = pixel_rays(cam)
     assert o.shape == d.shape == (8, 12, 3)
+    centres = np.asarray(C.pixel_centers(12, 8))
+    assert centres.shape == (8, 12, 2)
+    np.testing.assert_allclose(centres[2, 5], [5.5, 2.5])
+    np.testing.assert_allclose(np.asarray(pixel_rays(cam, jnp.asarray(centres))[1]), np.asarray(d), atol=1e-6)
     depth = 3.0
     p = np.asarray(project(cam, (o + depth * d).reshape(-1, 3))).reshape(8, 12, 3)
     jj, ii = np.meshgrid(np.arange(12), np.arange(8))
@@ -399,6 +403,7 @@ def _uses(cam):
         o, d, o2[::3, ::3], d2[::3, ::3],
         C.camera_center(cam),
         C.world_to_camera(cam, jnp.asarray(_X)),
+        C.intrinsic_matrix(cam),
     )
 
 
