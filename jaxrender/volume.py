@@ -56,7 +56,7 @@ opacity; divide by it for the depth of the visible surface).
 """
 from __future__ import annotations
 
-import math
+import functools
 from typing import Callable, Optional, Sequence, Union
 
 import equinox as eqx
@@ -657,6 +657,26 @@ def render_volume(
     check_shape(rays.origins, "rays.origins", (3,), batch_ok=True)
     check_shape(rays.directions, "rays.directions", (3,), batch_ok=True)
 
+    return _render_jit(
+        grid,
+        rays,
+        near,
+        far,
+        key,
+        background,
+        n_samples=int(n_samples),
+        mode=mode,
+        chunk_size=None if chunk_size is None else int(chunk_size),
+        eps=float(eps),
+        return_weights=bool(return_weights),
+        save_samples=bool(save_samples),
+    )
+
+
+@functools.partial(
+    jax.jit, static_argnames=("n_samples", "mode", "chunk_size", "eps", "return_weights", "save_samples")
+)
+def _render_jit(grid, rays, near, far, key, background, *, n_samples, mode, chunk_size, eps, return_weights, save_samples):
     dtype = grid.densities.dtype
     n_feat = grid.channels if mode != "absorption" else 0
     if n_feat:
