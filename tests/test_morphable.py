@@ -57,6 +57,8 @@ def test_constructor_validates_and_names_fields(rng):
     # flat (3V, K) bases are accepted
     flat = M.MorphableModel(m.mean_shape, np.asarray(m.id_basis).reshape(3 * V, -1), None, None, None, m.faces)
     np.testing.assert_array_equal(flat.id_basis, m.id_basis)
+    m16 = m.astype(jnp.float16)
+    assert m16.id_basis.dtype == jnp.float16 and m16.faces.dtype == jnp.int32 and m16.eye_ranges == m.eye_ranges
 
 
 def test_shape_albedo_landmarks_match_numpy(rng):

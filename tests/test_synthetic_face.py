@@ -189,3 +189,24 @@ def test_uvs_are_consistent(model):
     nose = np.asarray(model.landmark_indices)[30]
     nose_uv = uv[fuv[np.nonzero(f == nose)]][0]
     assert abs(nose_uv[0] - 0.5) < 0.05
+
+
+@pytest.mark.slow
+def test_renders_as_a_face(model):
+    """A small render with the library's rasterizer: skin in the middle, dark
+    pupils at the eye landmarks, background around the head."""
+    from jaxrender.camera import look_at, project
+    from jaxrender.render import render_mesh
+
+    S = 64
+    cam = look_at(eye=(0.0, -20.0, 900.0), target=(0.0, -20.0, 0.0), fov_y_deg=25.0, width=S, height=S, znear=10.0, zfar=2000.0)
+    mesh = M.to_mesh(model, model.mean_shape, model.mean_albedo)
+    img = np.asarray(render_mesh(mesh, cam, shading="unlit", hard=True))
+    assert img.shape == (S, S, 4)
+    cover = img[..., 3] > 0.5
+    assert 0.15 < cover.mean() < 0.7 and not cover[0, 0] and not cover[0, -1]
+    px = np.asarray(project(cam, M.landmarks(model, model.mean_shape)))[:, :2]
+    skin = img[int(px[29, 1] * 0 + px[1, 1]), int(0.5 * (px[1, 0] + px[31, 0]))][:3]  # a cheek
+    assert skin[0] > skin[2] + 0.1  # warm skin, not background white
+    pupil = img[int(px[36:42, 1].mean()), int(px[36:42, 0].mean())][:3]
+    assert pupil.mean() < skin.mean() - 0.2

@@ -188,6 +188,15 @@ class MorphableModel(eqx.Module):
                 raise ValueError(f"landmark_names has {len(landmark_names)} names but there are {li.shape[0]} landmark_indices")
         self.landmark_names = landmark_names
 
+    def astype(self, dtype) -> "MorphableModel":
+        """A copy with every floating array cast to ``dtype`` (indices stay int32)."""
+        import jax
+
+        def cast(x):
+            return x.astype(dtype) if hasattr(x, "dtype") and jnp.issubdtype(x.dtype, jnp.floating) else x
+
+        return jax.tree_util.tree_map(cast, self)
+
     # Sizes are static (array shapes), so these are safe under jit.
     @property
     def num_vertices(self) -> int:
