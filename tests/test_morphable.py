@@ -208,6 +208,17 @@ def test_faceverse_forward_matches_reference(rng, with_scale):
     np.testing.assert_allclose(out["landmarks_3d"], ref["vertices"][np.asarray(m.landmark_indices)], rtol=2e-4, atol=2e-4)
 
 
+def test_faceverse_forward_custom_camera(rng):
+    from jaxrender.camera import look_at, project
+
+    m = _random_model(rng)
+    c = _random_coeffs(m, rng)
+    cam = look_at(eye=(1.0, 2.0, 12.0), target=(0.0, 0.0, 0.0), fov_y_deg=30.0, width=200, height=100)
+    out = fv.faceverse_forward(m, c, camera=cam)
+    np.testing.assert_allclose(out["landmarks_2d"], project(cam, out["landmarks_3d"])[:, :2], rtol=1e-6)
+    assert out["camera"] is cam
+
+
 def test_faceverse_eyes_rotate_only_eyeballs(rng):
     m = _random_model(rng)
     c = np.zeros(fv.num_coeffs(m))

@@ -171,7 +171,7 @@ def faceverse_shape(model: MorphableModel, id_coeffs, exp_coeffs, eye=None, eye_
 
 
 def faceverse_forward(model: MorphableModel, coeffs, *, focal: float = 1315.0, image_size: int = 512,
-                      camera_distance: float = 10.0, eye_center_offset: float = EYE_CENTER_OFFSET):
+                      camera_distance: float = 10.0, eye_center_offset: float = EYE_CENTER_OFFSET, camera=None):
     """FaceVerse's forward pass for one coefficient vector (batch with ``jax.vmap``).
 
     Args:
@@ -183,6 +183,9 @@ def faceverse_forward(model: MorphableModel, coeffs, *, focal: float = 1315.0, i
         ``image_size // 2``.
       camera_distance: the camera sits at ``z = camera_distance`` (10).
       eye_center_offset: z offset of the eyeball rotation centres (0.005).
+      camera: a :class:`jaxrender.camera.Camera` to project the landmarks
+        with instead of FaceVerse's (``focal``, ``image_size`` and
+        ``camera_distance`` are then ignored); it is returned as ``camera``.
 
     Returns:
       dict with
@@ -208,7 +211,8 @@ def faceverse_forward(model: MorphableModel, coeffs, *, focal: float = 1315.0, i
     v_w = jnp.abs(p.scale).astype(v.dtype) * v @ R.T + p.translation.astype(v.dtype)
     alb = _albedo(model, p.tex)
     colors = alb * sh_shading(n, p.gamma.astype(v.dtype), layout="3x9", offset=SH_OFFSET)
-    camera = from_faceverse(focal=focal, width=image_size, height=image_size, distance=camera_distance)
+    if camera is None:
+        camera = from_faceverse(focal=focal, width=image_size, height=image_size, distance=camera_distance)
     lms = jnp.take(v_w, model.landmark_indices, axis=0)
     lms_2d = project(camera, lms)[:, :2]
     return dict(vertices=v_w, vertices_model=v, normals=n, albedo=alb, colors=colors, landmarks_3d=lms,
