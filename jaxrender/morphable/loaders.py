@@ -277,9 +277,10 @@ def load_faceverse(path, version: str = "auto", expression_key: str | None = Non
     ``[ver_inds[1], ver_inds[2])``), ``uv`` / ``tri_uv``, the landmark indices
     (v3: ``mediapipe_keypoints``, v4: ``keypoints_mediapipe``; override with
     ``landmark_key``, e.g. ``"keypoints_68"`` in v4) and masks (``face_mask``,
-    ``skinmask``). ``point_buf`` is not needed (normals come from
-    :func:`jaxrender.mesh.vertex_normals`, which equals FaceVerse's
-    ``compute_norm``).
+    ``skinmask``). ``point_buf`` is not read: normals come from
+    :func:`jaxrender.mesh.vertex_normals` (the sum of the unnormalised
+    normals of all incident faces, FaceVerse's ``compute_norm`` when
+    ``point_buf`` lists exactly those faces).
 
     Geometry follows each version's reference code:
 
