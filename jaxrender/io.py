@@ -256,10 +256,11 @@ def _resolve(idx_text, count, path, lineno, kind):
         j = count + i
     else:
         raise ValueError(f"{path}:{lineno}: {kind} index 0 is invalid (OBJ indices start at 1)")
-    if not 0 <= j < count:
+    if j < 0 or (i < 0 and j >= count):
         raise ValueError(
             f"{path}:{lineno}: {kind} index {i} out of range ({count} {kind}s defined so far)"
         )
+    # Positive indices may refer to elements defined later; checked at the end.
     return j
 
 
@@ -281,7 +282,8 @@ def _read_mtl(path) -> dict:
                 mats[cur]["Kd"] = np.array(_parse_floats(parts[1:4], 3, path, lineno, "Kd"), np.float32)
             elif key == "map_Kd":
                 # Options such as "-s 1 1 1" come first; the file name is last.
-                mats[cur]["map_Kd"] = os.path.join(os.path.dirname(os.fspath(path)), _map_filename(parts[1:]))
+                name = _map_filename(parts[1:]).replace("\\", "/")
+                mats[cur]["map_Kd"] = os.path.join(os.path.dirname(os.fspath(path)), name)
     return mats
 
 
@@ -331,7 +333,7 @@ def read_obj(path: PathLike, load_texture: bool = True, return_extras: bool = Fa
     path = os.fspath(path)
     pos, col, uvs, nrm = [], [], [], []
     n_color_lines = 0
-    f_v, f_t, f_n, f_m = [], [], [], []
+    f_v, f_t, f_n, f_m, f_line = [], [], [], [], []
     mtllibs, mat_names, mat_index, cur_mat = [], [], {}, -1
     with open(path, "r", encoding="utf-8", errors="replace") as fh:
         lines = fh.read().splitlines()
@@ -381,6 +383,7 @@ def read_obj(path: PathLike, load_texture: bool = True, return_extras: bool = Fa
                 f_t.append((ct[0], ct[k], ct[k + 1]))
                 f_n.append((cn[0], cn[k], cn[k + 1]))
                 f_m.append(cur_mat)
+                f_line.append(lineno)
         elif key == "mtllib":
             mtllibs.append(" ".join(parts[1:]))
         elif key == "usemtl":
@@ -395,11 +398,21 @@ def read_obj(path: PathLike, load_texture: bool = True, return_extras: bool = Fa
         raise ValueError(f"{path}: no vertices ('v' lines) found")
     vertices = np.asarray(pos, np.float64)
     faces = np.asarray(f_v, np.int64).reshape(-1, 3)
+    ft = np.asarray(f_t, np.int64).reshape(-1, 3)
+    fn = np.asarray(f_n, np.int64).reshape(-1, 3)
+    for arr, count, kind in ((faces, len(pos), "vertex"), (ft, len(uvs), "texture coordinate"),
+                             (fn, len(nrm), "normal")):
+        bad = np.nonzero((arr >= count).any(1))[0]
+        if len(bad):
+            k = bad[0]
+            raise ValueError(
+                f"{path}:{f_line[k]}: {kind} index {int(arr[k].max()) + 1} out of range "
+                f"(the file defines {count} {kind}s)"
+            )
     vertex_colors = np.asarray(col, np.float32) if n_color_lines == len(pos) else None
     if n_color_lines and n_color_lines != len(pos):
         warnings.warn(f"{path}: only {n_color_lines} of {len(pos)} vertices have colours; colours ignored")
 
-    ft = np.asarray(f_t, np.int64).reshape(-1, 3)
     uv_arr, face_uvs = None, None
     if len(ft) and (ft >= 0).any():
         uv_arr = np.asarray(uvs, np.float32).reshape(-1, 2)
@@ -431,7 +444,6 @@ def read_obj(path: PathLike, load_texture: bool = True, return_extras: bool = Fa
     mesh = Mesh(vertices, faces, vertex_colors=vertex_colors, uvs=uv_arr, face_uvs=face_uvs, texture=texture)
     if not return_extras:
         return mesh
-    fn = np.asarray(f_n, np.int64).reshape(-1, 3)
     has_n = len(fn) and (fn >= 0).any()
     extras = ObjExtras(
         normals=np.asarray(nrm, np.float32).reshape(-1, 3) if nrm else None,

@@ -209,7 +209,7 @@ class Mesh(eqx.Module):
 def _tiny(dtype) -> float:
     # Squared norms below this are treated as zero: sqrt(finfo.tiny) keeps
     # 1/|n| (and so the gradient of n/|n|) far from overflow.
-    return float(np.sqrt(np.finfo(np.dtype(dtype)).tiny))
+    return float(np.sqrt(float(jnp.finfo(dtype).tiny)))
 
 
 def _safe_norm(x: Array, keepdims: bool = False) -> tuple[Array, Array]:

@@ -133,12 +133,13 @@ def test_obj_vertex_colors_and_missing_mtl(tmp_path):
 @pytest.mark.parametrize(
     "body, pattern",
     [
-        ("v 0 0 0\nv 1 0 0\nv 0 1 0\nf 1 2 4\n", r"bad\.obj:4: vertex index 4 out of range"),
+        ("v 0 0 0\nv 1 0 0\nv 0 1 0\nf 1 2 4\n# end\n", r"bad\.obj:4: vertex index 4 out of range"),
+        ("v 0 0 0\nv 1 0 0\nv 0 1 0\nf 1 2 3\nf 3 2 7\n", r"bad\.obj:5: vertex index"),
         ("v 0 0 0\nv 1 0 0\nv 0 1 0\nf 1 2 -4\n", r"bad\.obj:4: vertex index -4 out of range"),
         ("v 0 0 0\nv 1 0 0\nv 0 1 0\nf 0 1 2\n", r"bad\.obj:4: vertex index 0"),
         ("v 0 0 0\nv 1 0 0\nv 0 1 0\nf 1 2\n", r"bad\.obj:4: face needs at least 3"),
         ("v 0 0 0\nv 1 0 0\nv 0 1 0\nf 1 2 x\n", r"bad\.obj:4: bad vertex index 'x'"),
-        ("v 0 0 0\nv 1 0 0\nv 0 1 0\nf 1/1 2/1 3/1\n", r"bad\.obj:4: texture coordinate index 1 out of range"),
+        ("v 0 0 0\nv 1 0 0\nv 0 1 0\nf 1/1 2/1 3/1\n", r"bad\.obj:4: texture coordinate index 1 out of range \(the file defines 0"),
         ("v 0 0\n", r"bad\.obj:1: 'v' needs at least 3"),
         ("v 0 0 zero\n", r"bad\.obj:1: 'v' has a non-numeric"),
         ("# nothing\n", r"bad\.obj: no vertices"),
@@ -341,3 +342,9 @@ def test_video_writes_mp4(tmp_path):
         reader.close()
     assert len(got) == 5 and got[0].shape == (18, 24, 3)
     np.testing.assert_allclose(got[-1][..., 1].mean() / 255, 1.0, atol=0.05)
+
+
+def test_obj_forward_references(tmp_path):
+    # positive indices may point at vertices defined further down the file
+    m = io.read_obj(write(tmp_path / "f.obj", "v 0 0 0\nf 1 2 3\nv 1 0 0\nv 0 1 0\n"))
+    np.testing.assert_array_equal(m.faces, [[0, 1, 2]])
