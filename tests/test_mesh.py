@@ -121,6 +121,10 @@ def test_mesh_is_a_pytree_under_jit_and_vmap():
     vb = jnp.stack([m.vertices, 2.0 * m.vertices])
     res = jax.vmap(lambda v: M.Mesh(v, m.faces).face_areas().sum())(vb)
     np.testing.assert_allclose(res[1], 4.0 * res[0], rtol=1e-5)
+    # a batched Mesh (leading axis on vertices) with a Mesh as the in_axes spec
+    batched = M.Mesh(vb, m.faces)
+    res2 = jax.vmap(lambda mm: mm.face_areas().sum(), in_axes=(M.Mesh(0, None),))(batched)
+    np.testing.assert_allclose(res2, res, rtol=1e-6)
 
 
 # ----------------------------------------------------------------------------
