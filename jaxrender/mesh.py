@@ -81,6 +81,18 @@ def _to_float_array(x):
     return x
 
 
+def _to_color_array(x):
+    # uint8 colours / images are scaled to [0, 1]; other integer types are
+    # left for the float check to reject (their range is ambiguous).
+    if isinstance(x, (list, tuple)):
+        x = np.asarray(x)
+    if not _is_array(x):
+        return x
+    if x.dtype == np.uint8:
+        return jnp.asarray(x).astype(jnp.result_type(float)) / 255.0
+    return jnp.asarray(x)
+
+
 def _to_index_array(x):
     if isinstance(x, (list, tuple)):
         x = np.asarray(x)
@@ -113,7 +125,8 @@ class Mesh(eqx.Module):
       texture: optional ``(Ht, Wt, C)`` float texture image, row 0 at the top.
 
     The constructor converts lists / NumPy arrays to JAX arrays (float
-    vertices, int32 indices) and validates them: shapes and dtypes always;
+    vertices, int32 indices; uint8 colours and textures are divided by 255)
+    and validates them: shapes and dtypes always;
     index ranges only on concrete arrays (inside ``jit`` they are skipped).
     Errors name the offending argument. ``vertices`` and ``vertex_colors`` may
     carry leading batch axes (e.g. to build a batch for ``jax.vmap``); the
@@ -124,10 +137,10 @@ class Mesh(eqx.Module):
 
     vertices: Array = eqx.field(converter=_to_float_array)
     faces: Array = eqx.field(converter=_to_index_array)
-    vertex_colors: Optional[Array] = eqx.field(default=None, converter=_to_float_array)
+    vertex_colors: Optional[Array] = eqx.field(default=None, converter=_to_color_array)
     uvs: Optional[Array] = eqx.field(default=None, converter=_to_float_array)
     face_uvs: Optional[Array] = eqx.field(default=None, converter=_to_index_array)
-    texture: Optional[Array] = eqx.field(default=None, converter=_to_float_array)
+    texture: Optional[Array] = eqx.field(default=None, converter=_to_color_array)
 
     def __check_init__(self):
         v = self.vertices

@@ -88,6 +88,12 @@ def test_mesh_converts_and_keeps_dtypes():
     assert m.vertex_colors is None and m.texture is None
     m = M.Mesh(np.zeros((4, 3), np.float32), np.array([[0, 1, 2]], np.int64), vertex_colors=np.ones((4, 3)))
     assert m.faces.dtype == jnp.int32 and m.vertex_colors.shape == (4, 3)
+    m = M.Mesh(np.zeros((4, 3)), [[0, 1, 2]], vertex_colors=np.full((4, 3), 255, np.uint8),
+               uvs=np.zeros((4, 2)), texture=np.zeros((2, 2, 3), np.uint8))
+    assert m.vertex_colors.dtype == jnp.float32 and float(m.vertex_colors.max()) == 1.0
+    assert m.texture.dtype == jnp.float32
+    with pytest.raises(TypeError, match="texture"):
+        M.Mesh(np.zeros((4, 3)), [[0, 1, 2]], texture=np.zeros((2, 2, 3), np.int32))
 
 
 @pytest.mark.parametrize(
