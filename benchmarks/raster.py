@@ -32,9 +32,9 @@ import numpy as np
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 import jaxrender as jr  # noqa: E402
-from jaxrender.blend import BlendParams, sigmoid_alpha_blend, softmax_rgb_blend, hard_rgb_blend  # noqa: E402
+from jaxrender.blend import BlendParams, sigmoid_alpha_blend  # noqa: E402
 from jaxrender.lighting import AmbientLight, PointLight  # noqa: E402
-from jaxrender.render import rasterize_mesh, shade_fragments  # noqa: E402
+from jaxrender.render import rasterize_mesh  # noqa: E402
 
 SCENES = {
     "small_256_b1": (36, 36, 256, 1),
@@ -81,17 +81,18 @@ def workload(kind, size, capacity, bin_size):
 
     def render_one(v, c, faces, cam):
         mesh = jr.Mesh(vertices=v, faces=faces, vertex_colors=c)
+        if kind == "soft_rgb_k10":
+            img, fr = jr.render_mesh(mesh, cam, lights, s, shading="phong", blend=BlendParams(SIGMA, SIGMA),
+                                     return_fragments=True)
+            return img, fr.num_overflow, fr.max_bin_count
+        if kind == "hard_k1":
+            img, fr = jr.render_mesh(mesh, cam, lights, s, shading="unlit", hard=True, return_fragments=True)
+            return img, fr.num_overflow, fr.max_bin_count
         fr = rasterize_mesh(mesh, cam, s)
         if kind.startswith("select_k"):  # the selection pass alone (no shading, no blending)
             img = (fr.face_idx >= 0).astype(v.dtype)[..., :1]
-        elif kind == "soft_sil_k50":
-            img = sigmoid_alpha_blend(fr, SIGMA)[..., None]
-        elif kind == "soft_rgb_k10":
-            col = shade_fragments(mesh, fr, cam, lights, "phong")
-            img = softmax_rgb_blend(col, fr, BlendParams(SIGMA, SIGMA, (1.0, 1.0, 1.0)), cam.znear, cam.zfar)
         else:
-            col = jr.interpolate(c, faces, fr)
-            img = hard_rgb_blend(col, fr)
+            img = sigmoid_alpha_blend(fr, SIGMA)[..., None]
         return img, fr.num_overflow, fr.max_bin_count
 
     return s, render_one

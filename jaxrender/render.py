@@ -30,28 +30,92 @@ def default_lights():
     return (AmbientLight(0.5), PointLight(position=(0.0, 1.0, 0.0), color=0.3, specular_color=0.2))
 
 
-def rasterize_mesh(mesh: Mesh, camera: camera_lib.Camera, settings: RasterSettings) -> Fragments:
-    """Project ``mesh`` with ``camera`` and rasterize it (``settings.image_size`` must match the camera)."""
+def _check_size(camera, settings):
     if (camera.height, camera.width) != tuple(settings.image_size):
         raise ValueError(
             f"settings.image_size {tuple(settings.image_size)} must equal the camera's (height, width) "
             f"({camera.height}, {camera.width})")
+
+
+def rasterize_mesh(mesh: Mesh, camera: camera_lib.Camera, settings: RasterSettings, vertex_attrs=None):
+    """Project ``mesh`` with ``camera`` and rasterize it (``settings.image_size`` must match the camera).
+
+    With ``vertex_attrs`` ``(V, C)`` returns ``(fragments, attrs (H, W, K, C))``
+    as :func:`jaxrender.rasterize` does.
+    """
+    _check_size(camera, settings)
     sv = camera_lib.project(camera, mesh.vertices)
-    return rasterize(sv, mesh.faces, settings, znear=camera.znear, zfar=camera.zfar)
+    return rasterize(sv, mesh.faces, settings, znear=camera.znear, zfar=camera.zfar, vertex_attrs=vertex_attrs)
 
 
-def _albedo(mesh: Mesh, fragments: Fragments) -> Array:
-    """Per-fragment base colour ``(H, W, K, C)``: texture, else vertex colours, else white."""
+def _vertex_attributes(mesh: Mesh, camera, lights, shading, material):
+    """Per-vertex values the shading needs, packed into one ``(V, C)`` array.
+
+    Returns ``(attrs, names)`` where ``names`` lists ``(name, width)`` in order.
+    Packing lets one gather serve every attribute (one scatter in backward).
+    """
+    if shading not in SHADINGS:
+        raise ValueError(f"shading must be one of {SHADINGS}, got {shading!r}")
+    v, f = mesh.vertices, mesh.faces
+    cols, names = [], []
+
+    def add(name, a):
+        cols.append(a.astype(v.dtype))
+        names.append((name, a.shape[-1]))
+
+    if shading in ("phong", "flat"):
+        add("points", v)
+    if shading in ("phong", "sh"):
+        add("normals", vertex_normals(v, f))
+    if shading == "gouraud":
+        lights = default_lights() if lights is None else lights
+        vn = vertex_normals(v, f)
+        eye = camera_lib.camera_center(camera)
+        # Light seen by a white albedo, split into the albedo-weighted and the additive (specular) part.
+        lit = phong_shading(v, vn, jnp.ones_like(v), lights, material, eye)
+        spec = phong_shading(v, vn, jnp.zeros_like(v), lights, material, eye)
+        add("light", lit - spec)
+        add("specular", spec)
+    if mesh.texture is None and mesh.vertex_colors is not None:
+        add("albedo", mesh.vertex_colors)
+    if not cols:
+        return None, names
+    return jnp.concatenate(cols, axis=-1), names
+
+
+def _split(attrs, names):
+    out, i = {}, 0
+    for name, width in names:
+        out[name] = attrs[..., i:i + width]
+        i += width
+    return out
+
+
+def _shade(mesh: Mesh, fragments: Fragments, interp: dict, camera, lights, shading, material, sh_layout, sh_offset):
     if mesh.texture is not None:
         if mesh.uvs is None:
             raise ValueError("mesh.texture is set but mesh.uvs is None: a texture needs UV coordinates")
         face_uvs = mesh.face_uvs if mesh.face_uvs is not None else mesh.faces
-        uv = interpolate_face_attrs(mesh.uvs[face_uvs], fragments)
-        return sample_texture(mesh.texture, uv)
-    if mesh.vertex_colors is not None:
-        return interpolate(mesh.vertex_colors, mesh.faces, fragments)
-    h, w, k = fragments.face_idx.shape
-    return jnp.ones((h, w, k, 3), mesh.vertices.dtype)
+        albedo = sample_texture(mesh.texture, interpolate_face_attrs(mesh.uvs[face_uvs], fragments))
+    elif "albedo" in interp:
+        albedo = interp["albedo"]
+    else:
+        albedo = jnp.ones(fragments.face_idx.shape + (3,), mesh.vertices.dtype)
+    if shading == "unlit":
+        return albedo
+    if shading == "sh":
+        if lights is None:
+            raise ValueError("shading='sh' needs the SH coefficients as `lights`")
+        return albedo * sh_shading(interp["normals"], lights, layout=sh_layout, offset=sh_offset)
+    if shading == "gouraud":
+        return albedo * interp["light"] + interp["specular"]
+    lights = default_lights() if lights is None else lights
+    eye = camera_lib.camera_center(camera)
+    if shading == "flat":
+        n = face_normals(mesh.vertices, mesh.faces)[jnp.maximum(fragments.face_idx, 0)]
+    else:
+        n = interp["normals"]
+    return phong_shading(interp["points"], n, albedo, lights, material, eye)
 
 
 def shade_fragments(mesh: Mesh, fragments: Fragments, camera: camera_lib.Camera, lights=None,
@@ -75,43 +139,15 @@ def shade_fragments(mesh: Mesh, fragments: Fragments, camera: camera_lib.Camera,
       material: :class:`Material` for the Phong family.
       sh_layout, sh_offset: passed to :func:`sh_shading`.
     """
-    if shading not in SHADINGS:
-        raise ValueError(f"shading must be one of {SHADINGS}, got {shading!r}")
-    albedo = _albedo(mesh, fragments)
-    if shading == "unlit":
-        return albedo
-    v, f = mesh.vertices, mesh.faces
-    if shading == "sh":
-        if lights is None:
-            raise ValueError("shading='sh' needs the SH coefficients as `lights`")
-        n = interpolate(vertex_normals(v, f), f, fragments)
-        irr = sh_shading(n, lights, layout=sh_layout, offset=sh_offset)
-        return albedo * irr
-    lights = default_lights() if lights is None else lights
-    eye = camera_lib.camera_center(camera)
-    points = interpolate(v, f, fragments)
-    if shading == "gouraud":
-        vn = vertex_normals(v, f)
-        ones = jnp.ones_like(v)
-        zeros = jnp.zeros_like(v)
-        # Light as seen by a white albedo, split into the albedo-weighted and the additive (specular) part.
-        lit = phong_shading(v, vn, ones, lights, material, eye)
-        spec = phong_shading(v, vn, zeros, lights, material, eye)
-        lit_f = interpolate(lit - spec, f, fragments)
-        spec_f = interpolate(spec, f, fragments)
-        return albedo * lit_f + spec_f
-    if shading == "flat":
-        fn = face_normals(v, f)
-        n = fn[jnp.maximum(fragments.face_idx, 0)]
-    else:
-        n = interpolate(vertex_normals(v, f), f, fragments)
-    return phong_shading(points, n, albedo, lights, material, eye)
+    attrs, names = _vertex_attributes(mesh, camera, lights, shading, material)
+    interp = {} if attrs is None else _split(interpolate(attrs, mesh.faces, fragments), names)
+    return _shade(mesh, fragments, interp, camera, lights, shading, material, sh_layout, sh_offset)
 
 
 def render_mesh(mesh: Mesh, camera: camera_lib.Camera, lights=None, settings: Union[RasterSettings, None] = None, *,
                 shading: str = "phong", material: Union[Material, None] = None,
                 blend: Union[BlendParams, None] = None, hard: bool = False,
-                sh_layout: str = "3x9", sh_offset=0.0) -> Array:
+                sh_layout: str = "3x9", sh_offset=0.0, return_fragments: bool = False):
     """Render a shaded mesh to an RGBA image.
 
     Args:
@@ -127,17 +163,29 @@ def render_mesh(mesh: Mesh, camera: camera_lib.Camera, lights=None, settings: Un
         blend; ``None`` means PyTorch3D's defaults (1e-4, 1e-4, white).
       hard: use the nearest fragment's colour (:func:`hard_rgb_blend`)
         instead of the softmax blend.
+      return_fragments: also return the :class:`Fragments` (e.g. to check
+        ``num_overflow``).
 
     Returns:
-      ``(H, W, C + 1)`` colour and alpha.
+      ``(H, W, C + 1)`` colour and alpha (and the fragments if asked). The
+      soft blend (PyTorch3D's formula) carries the colour out to the blur
+      radius; composite ``rgb * alpha + background * (1 - alpha)`` to display
+      it.
     """
     settings = RasterSettings(image_size=(camera.height, camera.width)) if settings is None else settings
     blend = BlendParams() if blend is None else blend
-    fr = rasterize_mesh(mesh, camera, settings)
-    colors = shade_fragments(mesh, fr, camera, lights, shading, material, sh_layout, sh_offset)
+    attrs, names = _vertex_attributes(mesh, camera, lights, shading, material)
+    if attrs is None:
+        fr, interp = rasterize_mesh(mesh, camera, settings), {}
+    else:
+        fr, packed = rasterize_mesh(mesh, camera, settings, vertex_attrs=attrs)
+        interp = _split(packed, names)
+    colors = _shade(mesh, fr, interp, camera, lights, shading, material, sh_layout, sh_offset)
     if hard:
-        return hard_rgb_blend(colors, fr, blend.background)
-    return softmax_rgb_blend(colors, fr, blend, camera.znear, camera.zfar)
+        img = hard_rgb_blend(colors, fr, blend.background)
+    else:
+        img = softmax_rgb_blend(colors, fr, blend, camera.znear, camera.zfar)
+    return (img, fr) if return_fragments else img
 
 
 def render_silhouette(mesh: Mesh, camera: camera_lib.Camera, settings: Union[RasterSettings, None] = None,
@@ -172,8 +220,8 @@ def render_normals(mesh: Mesh, camera: camera_lib.Camera, settings: Union[Raster
     if space not in ("world", "camera"):
         raise ValueError(f"space must be 'world' or 'camera', got {space!r}")
     settings = RasterSettings(image_size=(camera.height, camera.width)) if settings is None else settings
-    fr = rasterize_mesh(mesh, camera, settings)
-    n = interpolate(vertex_normals(mesh.vertices, mesh.faces), mesh.faces, fr)[:, :, 0]
+    fr, n = rasterize_mesh(mesh, camera, settings, vertex_attrs=vertex_normals(mesh.vertices, mesh.faces))
+    n = n[:, :, 0]
     if space == "camera":
         n = n @ camera.R.T
     n = n / jnp.maximum(jnp.linalg.norm(n, axis=-1, keepdims=True), 1e-12)

@@ -7,9 +7,10 @@ from .rasterize import (
     interpolate_face_attrs,
     rasterize,
     recompute_fragments,
+    select_faces,
 )
 
 __all__ = [
     "Fragments", "RasterSettings", "rasterize", "interpolate", "interpolate_face_attrs",
-    "fragment_geometry", "face_validity", "recompute_fragments",
+    "fragment_geometry", "face_validity", "recompute_fragments", "select_faces",
 ]

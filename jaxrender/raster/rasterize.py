@@ -117,11 +117,17 @@ def face_validity(tri, settings: RasterSettings, znear, zfar):
     return valid
 
 
-def _bin_faces(tri, valid, settings: RasterSettings, num_bins_y: int, num_bins_x: int, capacity: int):
-    """Tile binning with static shapes.
+def _bin_faces(tri, valid, settings: RasterSettings, num_bins_y: int, num_bins_x: int):
+    """Tile binning with static shapes, by sorting (tile, face) pairs.
 
-    Returns ``(bins (T, M) int32 with -1 padding, counts (T,) int32)`` where
-    candidates keep increasing face order inside each tile.
+    Every surviving face emits one pair per tile its grown bounding box
+    touches (at most ``max_tile_pairs`` pairs in all); the pairs are sorted by
+    tile, then face, so each tile's candidates are a contiguous run in face
+    order.
+
+    Returns:
+      ``(faces_sorted (P,) int32, starts (T,) int32, counts (T,) int32,
+      pair_overflow int32)``.
     """
     bs = settings.resolved_bin_size
     r = settings.blur_radius_pixels + 1e-3  # margin: binning may over-include, never miss
@@ -130,44 +136,31 @@ def _bin_faces(tri, valid, settings: RasterSettings, num_bins_y: int, num_bins_x
     ymin = jnp.min(tri[..., 1], axis=1) - r
     ymax = jnp.max(tri[..., 1], axis=1) + r
     # Tile b covers pixel centres [b*bs + 0.5, b*bs + bs - 0.5].
-    tx0 = jnp.ceil((xmin - bs + 0.5) / bs)
-    tx1 = jnp.floor((xmax - 0.5) / bs)
-    ty0 = jnp.ceil((ymin - bs + 0.5) / bs)
-    ty1 = jnp.floor((ymax - 0.5) / bs)
-    tx0 = jnp.clip(tx0, 0, num_bins_x).astype(jnp.int32)
-    ty0 = jnp.clip(ty0, 0, num_bins_y).astype(jnp.int32)
-    tx1 = jnp.clip(tx1, -1, num_bins_x - 1).astype(jnp.int32)
-    ty1 = jnp.clip(ty1, -1, num_bins_y - 1).astype(jnp.int32)
+    big = float(2 ** 20)  # keeps far-off coordinates finite before the int cast
+    tx0 = jnp.clip(jnp.ceil((xmin - bs + 0.5) / bs), 0, num_bins_x).astype(jnp.int32)
+    ty0 = jnp.clip(jnp.ceil((ymin - bs + 0.5) / bs), 0, num_bins_y).astype(jnp.int32)
+    tx1 = jnp.clip(jnp.floor(jnp.clip((xmax - 0.5) / bs, -big, big)), -1, num_bins_x - 1).astype(jnp.int32)
+    ty1 = jnp.clip(jnp.floor(jnp.clip((ymax - 0.5) / bs, -big, big)), -1, num_bins_y - 1).astype(jnp.int32)
+    nx = jnp.maximum(tx1 - tx0 + 1, 0)
+    ny = jnp.maximum(ty1 - ty0 + 1, 0)
+    n = jnp.where(valid, nx * ny, 0).astype(jnp.int32)
 
     num_faces = tri.shape[0]
     num_tiles = num_bins_y * num_bins_x
-    chunk = min(settings.face_chunk, max(num_faces, 1))
-    n_chunks = -(-num_faces // chunk)
-    pad = n_chunks * chunk - num_faces
-
-    def padded(a, fill):
-        return jnp.pad(a, (0, pad), constant_values=fill).reshape(n_chunks, chunk)
-
-    xs = (padded(tx0, 1), padded(tx1, 0), padded(ty0, 1), padded(ty1, 0), padded(valid, False),
-          jnp.arange(n_chunks * chunk, dtype=jnp.int32).reshape(n_chunks, chunk))
-    tile_y = jnp.arange(num_tiles, dtype=jnp.int32) // num_bins_x
-    tile_x = jnp.arange(num_tiles, dtype=jnp.int32) % num_bins_x
-    rows = jnp.arange(num_tiles, dtype=jnp.int32)[:, None]
-
-    def step(carry, c):
-        bins, counts = carry
-        cx0, cx1, cy0, cy1, cvalid, fidx = c
-        ov = ((tile_x[:, None] >= cx0[None]) & (tile_x[:, None] <= cx1[None])
-              & (tile_y[:, None] >= cy0[None]) & (tile_y[:, None] <= cy1[None]) & cvalid[None])
-        ovi = ov.astype(jnp.int32)
-        pos = counts[:, None] + jnp.cumsum(ovi, axis=1, dtype=jnp.int32) - 1
-        pos = jnp.where(ov, pos, capacity)  # out of range: dropped by the scatter
-        bins = bins.at[rows, pos].set(jnp.broadcast_to(fidx[None], pos.shape), mode="drop")
-        return (bins, counts + ovi.sum(axis=1, dtype=jnp.int32)), None
-
-    init = (jnp.full((num_tiles, capacity), -1, jnp.int32), jnp.zeros((num_tiles,), jnp.int32))
-    (bins, counts), _ = jax.lax.scan(step, init, xs)
-    return bins, counts
+    budget = settings.resolved_max_tile_pairs(num_faces, num_tiles)
+    ends = jnp.cumsum(n, dtype=jnp.int32)
+    total = ends[-1]
+    p = jnp.arange(budget, dtype=jnp.int32)
+    f = jnp.minimum(jnp.searchsorted(ends, p, side="right", method="sort").astype(jnp.int32), num_faces - 1)
+    local = p - (ends[f] - n[f])
+    nxf = jnp.maximum(nx[f], 1)
+    tile = (ty0[f] + local // nxf) * num_bins_x + tx0[f] + local % nxf
+    tile = jnp.where(p < total, tile, num_tiles)  # unused slots sort last
+    tile_s, face_s = jax.lax.sort((tile, f), num_keys=2)
+    bounds = jnp.searchsorted(tile_s, jnp.arange(num_tiles + 1, dtype=jnp.int32), side="left",
+                              method="sort").astype(jnp.int32)
+    starts, counts = bounds[:-1], bounds[1:] - bounds[:-1]
+    return face_s.astype(jnp.int32), starts, counts, jnp.maximum(total - budget, 0).astype(jnp.int32)
 
 
 def _select_faces(tri, valid, settings: RasterSettings, znear):
@@ -176,21 +169,19 @@ def _select_faces(tri, valid, settings: RasterSettings, znear):
     Tiles are sorted by candidate count and processed ``bin_chunk`` at a
     time; inside a chunk the candidates are consumed in blocks of
     ``candidate_block`` with a running top-K merge, and a ``while_loop`` stops
-    after the chunk's largest list. Work is therefore proportional to the
-    candidates that exist, not to the capacity ``max_faces_per_bin``.
+    after the chunk's longest list. Work is therefore proportional to the
+    candidates that exist.
     """
     h, w = settings.image_size
     k = settings.faces_per_pixel
     bs = settings.resolved_bin_size
     nby, nbx = -(-h // bs), -(-w // bs)
-    capacity = settings.resolved_max_faces_per_bin(tri.shape[0])
-    bins, counts = _bin_faces(tri, valid, settings, nby, nbx, capacity)
     num_tiles = nby * nbx
+    face_s, starts, counts, pair_overflow = _bin_faces(tri, valid, settings, nby, nbx)
+    budget = face_s.shape[0]
+    capacity = settings.resolved_max_faces_per_bin(tri.shape[0])
     npix = bs * bs
-    block = min(settings.resolved_candidate_block, capacity)
-    n_blocks_max = -(-capacity // block)
-    cap_pad = n_blocks_max * block
-    bins = jnp.pad(bins, ((0, 0), (0, cap_pad - capacity)), constant_values=-1)
+    block = settings.resolved_candidate_block
 
     # Busy tiles together, so a chunk's loop length fits all its tiles.
     order = jnp.argsort(-counts)
@@ -203,24 +194,26 @@ def _select_faces(tri, valid, settings: RasterSettings, znear):
     ly, lx = jnp.meshgrid(jnp.arange(bs), jnp.arange(bs), indexing="ij")
     ly, lx = ly.reshape(1, -1), lx.reshape(1, -1)
     blur = settings.blur_radius
-    kk = min(k, cap_pad)
+    kk = k
     geo = dict(perspective_correct=settings.perspective_correct,
                clip_barycentrics=settings.resolved_clip_barycentrics,
                ndc_per_pixel=settings.ndc_per_pixel)
+    lane = jnp.arange(block, dtype=jnp.int32)[None, :]
 
     def per_chunk(args):
         tiles, live = args  # (C,), (C,)
-        cbins = bins[tiles]  # (C, cap_pad)
-        ccount = jnp.where(live, jnp.minimum(counts[tiles], capacity), 0)
+        cstart = starts[tiles][:, None]
+        ccount = jnp.where(live, jnp.minimum(counts[tiles], capacity), 0)[:, None]
         cpx = ((tiles % nbx)[:, None] * bs + lx).astype(tri.dtype) + 0.5  # (C, P)
         cpy = ((tiles // nbx)[:, None] * bs + ly).astype(tri.dtype) + 0.5
         n_blocks = (jnp.max(ccount) + block - 1) // block
 
         def body(state):
             j, best_key, best_face = state
-            cand = jax.lax.dynamic_slice_in_dim(cbins, j * block, block, axis=1)  # (C, B)
-            has = cand >= 0
-            ctri = tri[jnp.maximum(cand, 0)]  # (C, B, 3, 3)
+            pos = j * block + lane  # (1, B)
+            has = pos < ccount  # (C, B)
+            cand = jnp.where(has, face_s[jnp.minimum(cstart + pos, budget - 1)], 0)
+            ctri = tri[cand]  # (C, B, 3, 3)
             _, depth, dist, inside = fragment_geometry(ctri[:, None], cpx[:, :, None], cpy[:, :, None], **geo)
             reach = has[:, None, :] & (inside | (dist < blur)) & (depth >= znear)
             key = jnp.where(reach, depth, jnp.inf)  # (C, P, B)
@@ -241,16 +234,41 @@ def _select_faces(tri, valid, settings: RasterSettings, znear):
     sel = jax.lax.map(per_chunk, (order_p, live_p))  # (n_chunks, C, P, kk)
     sel = sel.reshape(n_chunks * chunk, npix, kk)[:num_tiles]
     sel = jnp.zeros_like(sel).at[order].set(sel)  # back to tile order
-    if kk < k:
-        sel = jnp.pad(sel, ((0, 0), (0, 0), (0, k - kk)), constant_values=-1)
     img = sel.reshape(nby, nbx, bs, bs, k).transpose(0, 2, 1, 3, 4).reshape(nby * bs, nbx * bs, k)
     face_idx = img[:h, :w]
-    num_overflow = jnp.sum(jnp.maximum(counts - capacity, 0)).astype(jnp.int32)
+    num_overflow = (jnp.sum(jnp.maximum(counts - capacity, 0)) + pair_overflow).astype(jnp.int32)
     max_bin_count = jnp.max(counts).astype(jnp.int32)
     return face_idx, num_overflow, max_bin_count
 
 
-def rasterize(screen_verts, faces, settings: RasterSettings, *, znear=1e-3, zfar=jnp.inf) -> Fragments:
+def select_faces(screen_verts, faces, settings: RasterSettings, *, znear=1e-3, zfar=jnp.inf):
+    """The non-differentiable selection pass alone.
+
+    Returns:
+      ``(face_idx (H, W, K) int32, num_overflow, max_bin_count, num_culled)``;
+      no gradient flows through any of them.
+    """
+    check_shape(screen_verts, "screen_verts", (None, 3))
+    check_float(screen_verts, "screen_verts")
+    check_faces(faces, screen_verts.shape[0])
+    if not isinstance(settings, RasterSettings):
+        raise TypeError(f"settings must be a RasterSettings, got {type(settings).__name__}")
+    faces = faces.astype(jnp.int32)
+    h, w = settings.image_size
+    k = settings.faces_per_pixel
+    zero = jnp.zeros((), jnp.int32)
+    if faces.shape[0] == 0:
+        return jnp.full((h, w, k), -1, jnp.int32), zero, zero, zero
+    dtype = screen_verts.dtype
+    znear = jax.lax.stop_gradient(jnp.asarray(znear, dtype))
+    zfar = jax.lax.stop_gradient(jnp.asarray(zfar, dtype))
+    tri = jax.lax.stop_gradient(screen_verts)[faces]
+    valid = face_validity(tri, settings, znear, zfar)
+    face_idx, num_overflow, max_bin_count = _select_faces(tri, valid, settings, znear)
+    return face_idx, num_overflow, max_bin_count, jnp.sum(~valid).astype(jnp.int32)
+
+
+def rasterize(screen_verts, faces, settings: RasterSettings, *, znear=1e-3, zfar=jnp.inf, vertex_attrs=None):
     """Rasterize one mesh's projected triangles into per-pixel fragments.
 
     The ``K`` faces nearest in depth among those within reach of each pixel
@@ -268,72 +286,78 @@ def rasterize(screen_verts, faces, settings: RasterSettings, *, znear=1e-3, zfar
       znear: faces with a vertex closer than this are culled ("cull" rule);
         fragments closer than this are dropped. Scalar, may be traced.
       zfar: faces entirely beyond this are culled. Scalar, may be traced.
+      vertex_attrs: optional ``(V, C)`` attributes to interpolate in the same
+        pass (one gather for geometry and attributes, which makes the
+        backward pass several times cheaper than separate
+        :func:`interpolate` calls).
 
     Returns:
-      :class:`Fragments` with ``(H, W, K)`` fields and overflow statistics.
+      :class:`Fragments` with ``(H, W, K)`` fields and overflow statistics;
+      with ``vertex_attrs``, the pair ``(fragments, attrs (H, W, K, C))``.
 
     Under ``jax.vmap`` this batches over meshes (or cameras) that share
     ``faces`` and ``settings``.
     """
-    check_shape(screen_verts, "screen_verts", (None, 3))
-    check_float(screen_verts, "screen_verts")
-    check_faces(faces, screen_verts.shape[0])
-    if not isinstance(settings, RasterSettings):
-        raise TypeError(f"settings must be a RasterSettings, got {type(settings).__name__}")
+    face_idx, num_overflow, max_bin_count, num_culled = select_faces(
+        screen_verts, faces, settings, znear=znear, zfar=zfar)
     faces = faces.astype(jnp.int32)
-    dtype = screen_verts.dtype
-    znear = jnp.asarray(znear, dtype)
-    zfar = jnp.asarray(zfar, dtype)
-
-    if faces.shape[0] == 0:
-        h, w = settings.image_size
-        k = settings.faces_per_pixel
-        zero = jnp.zeros((), jnp.int32)
-        return Fragments(
-            face_idx=jnp.full((h, w, k), -1, jnp.int32), bary=jnp.full((h, w, k, 3), -1.0, dtype),
-            depth=jnp.full((h, w, k), -1.0, dtype), dist=jnp.full((h, w, k), -1.0, dtype),
-            num_overflow=zero, max_bin_count=zero, num_culled=zero,
-        )
-
-    sv_const = jax.lax.stop_gradient(screen_verts)
-    tri_const = sv_const[faces]
-    valid = face_validity(tri_const, settings, jax.lax.stop_gradient(znear), jax.lax.stop_gradient(zfar))
-    face_idx, num_overflow, max_bin_count = _select_faces(tri_const, valid, settings, jax.lax.stop_gradient(znear))
-    num_culled = jnp.sum(~valid).astype(jnp.int32)
-    bary, depth, dist = recompute_fragments(screen_verts, faces, face_idx, settings)
-    return Fragments(face_idx=face_idx, bary=bary, depth=depth, dist=dist,
-                     num_overflow=num_overflow, max_bin_count=max_bin_count, num_culled=num_culled)
+    if vertex_attrs is not None:
+        check_shape(vertex_attrs, "vertex_attrs", (screen_verts.shape[0], None))
+    if faces.shape[0] == 0:  # nothing to gather from: every fragment is empty
+        dtype = screen_verts.dtype
+        shape = face_idx.shape
+        bary, depth, dist = jnp.full(shape + (3,), -1.0, dtype), jnp.full(shape, -1.0, dtype), jnp.full(shape, -1.0, dtype)
+        attrs = None if vertex_attrs is None else jnp.zeros(shape + (vertex_attrs.shape[-1],), dtype)
+    else:
+        bary, depth, dist, attrs = recompute_fragments(screen_verts, faces, face_idx, settings, vertex_attrs)
+    fr = Fragments(face_idx=face_idx, bary=bary, depth=depth, dist=dist,
+                   num_overflow=num_overflow, max_bin_count=max_bin_count, num_culled=num_culled)
+    return fr if vertex_attrs is None else (fr, attrs)
 
 
-def recompute_fragments(screen_verts, faces, face_idx, settings: RasterSettings):
-    """The differentiable pass: geometry of the kept fragments.
+def recompute_fragments(screen_verts, faces, face_idx, settings: RasterSettings, vertex_attrs=None):
+    """The differentiable pass: geometry (and attributes) of the kept fragments.
+
+    Screen positions and attributes are packed per face corner and gathered
+    once per fragment, so the backward pass is a single scatter-add of
+    ``(H, W, K)`` rows into an ``(F, 3 * (3 + C))`` table.
 
     Args:
       screen_verts: ``(V, 3)`` projected vertices.
       faces: ``(F, 3)`` int32.
       face_idx: ``(H, W, K)`` int32 kept faces (``-1`` for none).
       settings: the :class:`RasterSettings` used to select them.
+      vertex_attrs: optional ``(V, C)`` attributes to interpolate.
 
     Returns:
-      ``(bary (H, W, K, 3), depth (H, W, K), dist (H, W, K))`` filled with -1
-      where ``face_idx`` is -1.
+      ``(bary (H, W, K, 3), depth (H, W, K), dist (H, W, K), attrs)`` with -1
+      fills where ``face_idx`` is -1, and ``attrs`` ``(H, W, K, C)`` (zero
+      where empty) or ``None``.
     """
     h, w = settings.image_size
     mask = face_idx >= 0
-    tri = screen_verts[faces[jnp.maximum(face_idx, 0)]]  # (H, W, K, 3, 3)
     dtype = screen_verts.dtype
+    packed = screen_verts if vertex_attrs is None else jnp.concatenate(
+        [screen_verts, vertex_attrs.astype(dtype)], axis=-1)
+    corners = packed[faces]  # (F, 3, 3 + C)
+    frag = corners.reshape(faces.shape[0], 3 * packed.shape[-1])[jnp.maximum(face_idx, 0)]  # (H, W, K, 3 * (3 + C))
+    frag = frag.reshape(face_idx.shape + (3, packed.shape[-1]))
     py = (jnp.arange(h, dtype=dtype) + 0.5)[:, None, None]
     px = (jnp.arange(w, dtype=dtype) + 0.5)[None, :, None]
     bary, depth, dist, _ = fragment_geometry(
-        tri, px, py,
+        frag[..., :3], px, py,
         perspective_correct=settings.perspective_correct,
         clip_barycentrics=settings.resolved_clip_barycentrics,
         ndc_per_pixel=settings.ndc_per_pixel,
     )
+    attrs = None
+    if vertex_attrs is not None:
+        attrs = jnp.einsum("hwkv,hwkvc->hwkc", jnp.where(mask[..., None], bary, 0.0), frag[..., 3:])
+        attrs = jnp.where(mask[..., None], attrs, 0.0)
     bary = jnp.where(mask[..., None], bary, -1.0)
     depth = jnp.where(mask, depth, -1.0)
     dist = jnp.where(mask, dist, -1.0)
-    return bary, depth, dist
+    return bary, depth, dist, attrs
 
 
 def interpolate(vertex_attrs, faces, fragments: Fragments):
@@ -348,15 +372,13 @@ def interpolate(vertex_attrs, faces, fragments: Fragments):
     Returns:
       ``(H, W, K, C)``: ``sum_i bary_i * attr[face[i]]``, zero where no face
       is kept. Differentiable w.r.t. ``vertex_attrs`` and the barycentrics.
+      To interpolate several attributes, concatenate them (or pass
+      ``vertex_attrs`` to :func:`rasterize`): one gather is much cheaper to
+      differentiate than several.
     """
     check_shape(vertex_attrs, "vertex_attrs", (None, None))
     check_faces(faces, vertex_attrs.shape[0])
-    mask = fragments.face_idx >= 0
-    fv = faces[jnp.maximum(fragments.face_idx, 0)]  # (H, W, K, 3)
-    attrs = vertex_attrs[fv]  # (H, W, K, 3, C)
-    bary = jnp.where(mask[..., None], fragments.bary, 0.0).astype(attrs.dtype)
-    out = jnp.einsum("hwkv,hwkvc->hwkc", bary, attrs)
-    return jnp.where(mask[..., None], out, 0.0)
+    return interpolate_face_attrs(vertex_attrs[faces], fragments)
 
 
 def interpolate_face_attrs(face_vertex_attrs, fragments: Fragments):
@@ -366,7 +388,11 @@ def interpolate_face_attrs(face_vertex_attrs, fragments: Fragments):
     """
     check_shape(face_vertex_attrs, "face_vertex_attrs", (None, 3, None))
     mask = fragments.face_idx >= 0
-    attrs = face_vertex_attrs[jnp.maximum(fragments.face_idx, 0)]  # (H, W, K, 3, C)
+    nf, _, c = face_vertex_attrs.shape
+    if nf == 0:
+        return jnp.zeros(fragments.face_idx.shape + (c,), face_vertex_attrs.dtype)
+    attrs = face_vertex_attrs.reshape(nf, 3 * c)[jnp.maximum(fragments.face_idx, 0)]
+    attrs = attrs.reshape(fragments.face_idx.shape + (3, c))  # (H, W, K, 3, C)
     bary = jnp.where(mask[..., None], fragments.bary, 0.0).astype(attrs.dtype)
     out = jnp.einsum("hwkv,hwkvc->hwkc", bary, attrs)
     return jnp.where(mask[..., None], out, 0.0)

@@ -35,12 +35,16 @@ class RasterSettings(eqx.Module):
         SoftRas-style rendering use ``ln(1/eps - 1) * sigma`` (eps = 1e-4).
       bin_size: side of the square screen tiles in pixels used for binning.
         ``None`` picks 8 for images up to 64 px and 16 above.
-      max_faces_per_bin: capacity of each tile's candidate list. Faces beyond
-        it are dropped and counted in ``Fragments.num_overflow``; raise it until
+      max_faces_per_bin: most candidates a tile may hold. Faces beyond it
+        are dropped and counted in ``Fragments.num_overflow``; raise it until
         that count is zero (``Fragments.max_bin_count`` is the capacity that
-        would have been enough). It costs memory (``T * M`` int32 for ``T``
-        tiles), not time: the per-pixel pass only visits the candidates that
-        exist. ``None`` picks ``min(F, 8192)``.
+        would have been enough). ``None``: no per-tile limit (only
+        ``max_tile_pairs`` bounds the work).
+      max_tile_pairs: static budget of (face, tile) pairs the binning may
+        emit in all: each face emits one pair per tile its bounding box
+        (grown by the blur radius) touches. Pairs beyond it are dropped and
+        counted in ``Fragments.num_overflow``. Costs ``O(P)`` memory and a
+        sort of ``P`` keys. ``None`` picks ``min(F * T, 16 * F + 16 * T)``.
       cull_backfaces: drop faces whose vertices appear clockwise on screen
         (normal pointing away from the camera; see docs/conventions.md).
       near_rule: what happens to faces that cross the near plane. ``"cull"``:
@@ -57,7 +61,6 @@ class RasterSettings(eqx.Module):
         chunk of about 2M pixel-candidate pairs.
       candidate_block: candidates per tile tested per step of the per-pixel
         pass (``None``: ``max(128, K)``).
-      face_chunk: how many faces the binning pass processes at once.
     """
 
     image_size: Tuple[int, int] = eqx.field(static=True, converter=_image_size, default=(256, 256))
@@ -71,7 +74,7 @@ class RasterSettings(eqx.Module):
     clip_barycentrics: Union[bool, None] = eqx.field(static=True, default=None)
     bin_chunk: Union[int, None] = eqx.field(static=True, default=None)
     candidate_block: Union[int, None] = eqx.field(static=True, default=None)
-    face_chunk: int = eqx.field(static=True, default=4096)
+    max_tile_pairs: Union[int, None] = eqx.field(static=True, default=None)
 
     def __check_init__(self):
         h, w = self.image_size
@@ -87,7 +90,7 @@ class RasterSettings(eqx.Module):
             raise ValueError(f"max_faces_per_bin must be >= 1 or None, got {self.max_faces_per_bin}")
         if self.near_rule not in NEAR_RULES:
             raise ValueError(f"near_rule must be one of {NEAR_RULES}, got {self.near_rule!r}")
-        for name in ("bin_chunk", "candidate_block", "face_chunk"):
+        for name in ("bin_chunk", "candidate_block", "max_tile_pairs"):
             v = getattr(self, name)
             if v is not None and int(v) < 1:
                 raise ValueError(f"{name} must be >= 1 or None, got {v}")
@@ -108,8 +111,13 @@ class RasterSettings(eqx.Module):
         return 8 if max(self.image_size) <= 64 else 16
 
     def resolved_max_faces_per_bin(self, num_faces: int) -> int:
-        m = self.max_faces_per_bin if self.max_faces_per_bin is not None else min(num_faces, 8192)
+        m = self.max_faces_per_bin if self.max_faces_per_bin is not None else num_faces
         return max(int(m), 1)
+
+    def resolved_max_tile_pairs(self, num_faces: int, num_tiles: int) -> int:
+        if self.max_tile_pairs is not None:
+            return int(self.max_tile_pairs)
+        return max(1, min(num_faces * num_tiles, 16 * num_faces + 16 * num_tiles))
 
     @property
     def resolved_candidate_block(self) -> int:
