@@ -21,8 +21,6 @@ projecting points with the source convention's own formula):
 """
 from __future__ import annotations
 
-import math
-
 import equinox as eqx
 import jax
 import jax.numpy as jnp
@@ -483,7 +481,15 @@ def from_faceverse(focal=1315.0, width=512, height=512, distance=10.0, znear=0.1
 
 
 def intrinsic_matrix(camera: Camera):
-    """The ``(3, 3)`` OpenCV intrinsic matrix ``[[fx, 0, cx], [0, fy, cy], [0, 0, 1]]``."""
+    """The OpenCV intrinsic matrix of a camera.
+
+    Args:
+      camera: a :class:`Camera`.
+
+    Returns:
+      ``(3, 3)`` ``[[fx, 0, cx], [0, fy, cy], [0, 0, 1]]`` in pixels (pixel
+      centres at +0.5).
+    """
     z = jnp.zeros_like(camera.fx)
     o = jnp.ones_like(camera.fx)
     return jnp.stack(
@@ -560,7 +566,15 @@ def unproject(camera: Camera, xy, depth):
 
 
 def pixel_centers(width: int, height: int, dtype=None):
-    """``(H, W, 2)`` pixel-centre coordinates ``(j + 0.5, i + 0.5)`` at ``[i, j]``."""
+    """Coordinates of every pixel centre.
+
+    Args:
+      width, height: static image size in pixels.
+      dtype: float dtype (default: JAX's default float).
+
+    Returns:
+      ``(H, W, 2)`` array whose entry ``[i, j]`` is ``(x, y) = (j + 0.5, i + 0.5)``.
+    """
     dtype = dtype or jnp.result_type(float)
     xs = jnp.arange(width, dtype=dtype) + 0.5
     ys = jnp.arange(height, dtype=dtype) + 0.5
@@ -608,9 +622,15 @@ def pixel_rays(camera: Camera, xy=None, normalize=False):
 
 
 def camera_center(camera: Camera):
-    """World position of the camera centre (eye), ``-R.T @ t``, shape ``(3,)``.
+    """World position of the camera centre (the eye).
 
     For an orthographic camera this is the point of the camera plane
     ``z_cam = 0`` on the optical axis.
+
+    Args:
+      camera: a :class:`Camera`.
+
+    Returns:
+      ``(3,)`` world point ``-R.T @ t``.
     """
     return -camera.R.T @ camera.t
