@@ -405,6 +405,8 @@ class _Engine:
             )
         if not jnp.issubdtype(loss_shape.dtype, jnp.floating):
             raise TypeError(f"fit_batched: loss_fn must return a real floating-point scalar, got dtype {loss_shape.dtype}")
+        if isinstance(aux_shape, dict) and "loss" in aux_shape:
+            raise ValueError("fit_batched: the aux metric name 'loss' is reserved (the loss is recorded anyway)")
         self.loss_dtype = loss_shape.dtype
         self.aux_shape = aux_shape
         return loss_shape.dtype, aux_shape
@@ -607,7 +609,7 @@ def fit_batched(
     track_best: bool = True,
     filter_spec=eqx.is_inexact_array,
     method: str = "shard_map",
-    _engine: _Engine | None = None,
+    compile_cache: dict | None = None,
     _num_valid: int | None = None,
 ) -> BatchedFitResult:
     """Fit ``B`` independent problems at once, the batch axis sharded over a device mesh.
@@ -668,6 +670,11 @@ def fit_batched(
         track_best: keep each example's best params.
         filter_spec: Equinox filter of the trainable leaves (as in ``fit``).
         method: ``"shard_map"`` or ``"jit"``.
+        compile_cache: a dict shared by calls with the same ``loss_fn``,
+            optimizer, mesh, options and shapes (e.g. successive groups of a
+            dataset): the first call stores its compiled step there and the
+            others reuse it instead of compiling again. Its ``steps_per_call``,
+            mesh and options win over the later calls' arguments.
 
     Returns:
         A :class:`BatchedFitResult`.
@@ -683,6 +690,7 @@ def fit_batched(
     if resume and checkpoint is None:
         raise ValueError("fit_batched: resume=True needs checkpoint=")
     steps, steps_per_call = int(steps), int(steps_per_call)
+    _engine = compile_cache.get("engine") if compile_cache is not None else None
     mesh = _engine.mesh if _engine is not None else _resolve_mesh(mesh, devices, batch_axis_name)
     axis = batch_axis_name
     n_dev = _num_shards(mesh, axis)
@@ -716,13 +724,17 @@ def fit_batched(
     # ---------------- engine ----------------
     chunk_len = max(1, steps_per_call)
     eng = _engine
-    if eng is None:
+    if eng is not None:
+        chunk_len = eng.chunk_len
+    else:
         eng = _Engine(
             loss_fn, optimizer, mesh=mesh, axis_name=axis, static_rest=static_rest, data_rest=data_rest,
             uses_data=data is not None, uses_shared=shared is not None, constraints=constraints,
             nan_policy=nan_policy, has_aux=has_aux, track_best=track_best, filter_spec=filter_spec,
             chunk_len=chunk_len, method=method,
         )
+        if compile_cache is not None:
+            compile_cache["engine"] = eng
     one = lambda t: jax.tree_util.tree_map(  # noqa: E731
         lambda x: jax.ShapeDtypeStruct(x.shape[1:], x.dtype) if eqx.is_array(x) else x, t
     )
@@ -783,8 +795,6 @@ def fit_batched(
             new = jax.tree_util.tree_map(lambda *xs: np.concatenate(xs, axis=0), *hist_aux) if hist_aux else None
             if isinstance(aux_shape, dict):
                 for k, s in aux_shape.items():
-                    if k == "loss":
-                        raise ValueError("fit_batched: aux metric name 'loss' is reserved")
                     parts = [] if prev_aux is None or k not in prev_aux else [prev_aux[k]]
                     if new is not None:
                         parts.append(np.asarray(new[k]))
@@ -921,3 +931,345 @@ def fit_batched(
         num_padded=n_pad,
         wall_time=time.perf_counter() - t0,
     )
+
+
+# ----------------------------------------------------------------------------
+# fit_dataset: groups of batch_size examples streamed through the mesh
+# ----------------------------------------------------------------------------
+
+
+def _iter_groups(dataset, batch_size):
+    """Yield host batches of at most ``batch_size`` examples."""
+    if isinstance(dataset, (dict, tuple, list, np.ndarray, jax.Array)) or eqx.is_array(dataset):
+        n = _batch_size(dataset, "dataset")
+        if n is None:
+            raise ValueError("fit_dataset: the dataset has no arrays")
+        for lo in range(0, n, batch_size):
+            yield jax.tree_util.tree_map(lambda x: x[lo: lo + batch_size] if eqx.is_array(x) else x, dataset)
+    else:
+        for g, batch in enumerate(dataset):
+            n = _batch_size(batch, f"dataset batch {g}")
+            if n is None or n == 0 or n > batch_size:
+                raise ValueError(f"fit_dataset: batch {g} has {n} examples; expected 1..{batch_size}")
+            yield batch
+
+
+def _pad_to(tree, size):
+    n = _batch_size(tree, "batch")
+    if n == size:
+        return tree, n
+
+    def pad(x):
+        if not eqx.is_array(x):
+            return x
+        xp = np if isinstance(x, np.ndarray) else jnp
+        return xp.concatenate([x, xp.broadcast_to(x[-1:], (size - n,) + tuple(x.shape[1:]))], axis=0)
+
+    return jax.tree_util.tree_map(pad, tree), n
+
+
+def _prefetch_padded(groups, mesh, axis_name, size, padded_size):
+    """prefetch_to_mesh for fit_dataset: every group padded to the same ``padded_size`` (one compile)."""
+    sharding = batch_sharding(mesh, axis_name)
+    queue = deque()
+    for batch in groups:
+        batch = jax.tree_util.tree_map(lambda x: np.asarray(x) if eqx.is_array(x) else x, batch)
+        b, n = _pad_to(batch, padded_size)
+        queue.append((_put(b, sharding), n))
+        if len(queue) > size:
+            yield queue.popleft()
+    while queue:
+        yield queue.popleft()
+
+
+def _broadcast_params(params_one, size):
+    return jax.tree_util.tree_map(
+        lambda x: jnp.broadcast_to(jnp.asarray(x), (size,) + tuple(jnp.shape(x))) if eqx.is_array(x) else x, params_one
+    )
+
+
+def fit_dataset(
+    loss_fn: Callable,
+    init_params,
+    dataset,
+    optimizer: optax.GradientTransformation | None = None,
+    steps: int = 1000,
+    *,
+    batch_size: int,
+    mesh: Mesh | None = None,
+    devices=None,
+    batch_axis_name: str = "batch",
+    shared=None,
+    prefetch: int = 2,
+    checkpoint_dir: str | os.PathLike | None = None,
+    resume: bool = False,
+    progress: bool | str = False,
+    on_group: Callable | None = None,
+    **fit_kwargs,
+) -> BatchedFitResult:
+    """Fit every example of a dataset, ``batch_size`` examples at a time, streamed to the mesh.
+
+    The dataset stays on the host; :func:`prefetch_to_mesh`-style prefetching
+    sends the next ``prefetch`` groups to the devices while the current one is
+    fitted. Every group is padded to the same size (``batch_size`` rounded up
+    to a multiple of the devices), so the step compiles once for the whole
+    dataset. Results are gathered to the host (NumPy) group by group.
+
+    Args:
+        loss_fn: per-example loss, as in :func:`fit_batched`.
+        init_params: the initial parameters of **one** example (broadcast to
+            every example), or a callable ``init_params(batch) -> params`` that
+            returns batched initial params for a (padded, on-mesh) data group.
+        dataset: a pytree of host arrays with a leading example axis ``N``
+            (sliced into groups), or an iterable of batches of at most
+            ``batch_size`` examples each (e.g. a data loader).
+        optimizer, steps: as in :func:`fit_batched` (per group).
+        batch_size: examples fitted at once (memory grows linearly with it).
+        mesh, devices, batch_axis_name, shared: as in :func:`fit_batched`.
+        prefetch: groups kept in flight on the devices ahead of the current one.
+        checkpoint_dir: one checkpoint per group (``group_00000.npz``, ...); with
+            ``resume`` a finished group is read back instead of being fitted
+            again, an unfinished one continues.
+        progress: ``"print"`` / ``True``: one line per group; ``False``: silent.
+        on_group: ``on_group(index, result)`` after each group (e.g. to write
+            results out); return ``False`` to stop after that group.
+        **fit_kwargs: passed to :func:`fit_batched` (``constraints``,
+            ``steps_per_call``, ``nan_policy``, ``has_aux``, ``track_best``,
+            ``filter_spec``, ``method``, ``key``, ``callback``).
+
+    Returns:
+        A :class:`BatchedFitResult` over all ``N`` examples with NumPy arrays
+        (``history["loss"]`` is ``(steps, N)``; ``steps_run`` the smallest over
+        groups; ``stopped_reason`` lists the groups that stopped early).
+    """
+    t0 = time.perf_counter()
+    if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
+        raise ValueError(f"fit_dataset: batch_size must be a positive int, got {batch_size!r}")
+    for k in ("checkpoint", "resume", "compile_cache", "mesh", "devices"):
+        if k in fit_kwargs:
+            raise TypeError(f"fit_dataset: {k}= is not accepted here" + (" (use checkpoint_dir=)" if k == "checkpoint" else ""))
+    mesh = _resolve_mesh(mesh, devices, batch_axis_name)
+    n_dev = _num_shards(mesh, batch_axis_name)
+    padded = -(-int(batch_size) // n_dev) * n_dev
+    cache: dict = {}
+    results = []
+    stops = []
+    groups = _prefetch_padded(_iter_groups(dataset, int(batch_size)), mesh, batch_axis_name, max(1, int(prefetch)), padded)
+    for g, (batch, n) in enumerate(groups):
+        p0 = init_params(batch) if callable(init_params) else _broadcast_params(init_params, padded)
+        ck = None if checkpoint_dir is None else os.path.join(os.fspath(checkpoint_dir), f"group_{g:05d}.npz")
+        r = fit_batched(
+            loss_fn, p0, batch, optimizer, steps, mesh=mesh, batch_axis_name=batch_axis_name, shared=shared,
+            checkpoint=ck, resume=resume and ck is not None, compile_cache=cache, _num_valid=n, progress=False,
+            **fit_kwargs,
+        )
+        host = lambda t: jax.tree_util.tree_map(lambda x: _to_host(x) if eqx.is_array(x) else x, t)  # noqa: E731
+        r.params, r.best_params, r.opt_state = host(r.params), host(r.best_params), host(r.opt_state)
+        results.append(r)
+        if r.stopped_reason != "completed":
+            stops.append(f"group {g}: {r.stopped_reason}")
+        if progress:
+            fl = r.final_loss
+            print(f"fit_dataset: group {g} ({n} examples) done, mean final loss {np.nanmean(fl):.6g}, "
+                  f"{r.wall_time:.2f}s", flush=True)
+        if on_group is not None and on_group(g, r) is False:
+            stops.append(f"on_group returned False after group {g}")
+            break
+    if not results:
+        raise ValueError("fit_dataset: the dataset is empty")
+    cat = lambda *xs: np.concatenate([np.asarray(x) for x in xs], axis=0)  # noqa: E731
+
+    def cat_tree(trees):
+        return jax.tree_util.tree_map(lambda *xs: cat(*xs) if eqx.is_array(xs[0]) else xs[0], *trees)
+
+    t_max = max(r.history["loss"].shape[0] for r in results)
+    hl = []
+    for r in results:
+        h = r.history["loss"]
+        if h.shape[0] < t_max:
+            h = np.concatenate([h, np.full((t_max - h.shape[0],) + h.shape[1:], np.nan, h.dtype)], 0)
+        hl.append(h)
+    history = {"loss": np.concatenate(hl, axis=1)}
+    for k in results[0].history:
+        if k != "loss" and all(r.history[k].shape[0] == t_max for r in results if k in r.history):
+            try:
+                history[k] = np.concatenate([np.asarray(r.history[k]) for r in results], axis=1)
+            except (TypeError, ValueError):  # non-array aux
+                pass
+    return BatchedFitResult(
+        params=cat_tree([r.params for r in results]),
+        best_params=cat_tree([r.best_params for r in results]),
+        best_loss=cat(*[r.best_loss for r in results]),
+        best_step=cat(*[r.best_step for r in results]),
+        history=history,
+        steps_run=min(r.steps_run for r in results),
+        stopped_reason="completed" if not stops else "; ".join(stops),
+        bad_step=cat(*[r.bad_step for r in results]),
+        opt_state=cat_tree([r.opt_state for r in results]),
+        key=results[0].key,
+        num_padded=padded,
+        wall_time=time.perf_counter() - t0,
+    )
+
+
+# ----------------------------------------------------------------------------
+# Faces
+# ----------------------------------------------------------------------------
+
+
+def _face_unit(model):
+    lm = np.asarray(model.mean_shape)[np.asarray(model.landmark_indices)]
+    return float(np.sqrt(np.mean(np.sum((lm - lm.mean(0)) ** 2, -1))))
+
+
+def face_fit_loss(params, data, shared, *, settings=None, hard: bool = True, sigma: float = 1e-6,
+                  regularize=("id", "exp", "tex")):
+    """The per-image face loss in :func:`fit_batched`'s form ``loss(params, data, shared)``.
+
+    A thin adapter of :func:`jaxrender.morphable.fitting.face_loss` (landmark,
+    photometric, coefficient and lighting terms; Deep3DFaceRecon weights):
+    ``shared`` holds what every image uses (``model``, ``weights``,
+    ``lm_weights``, ``unit`` and, unless given per image, ``camera``) and
+    ``data`` the per-image ``landmarks`` ``(L, 2)``, ``image`` ``(H, W, 3)``,
+    ``mask`` ``(H, W)`` (and optionally ``camera``).
+
+    Returns:
+        ``(loss, terms)`` (use ``has_aux=True``).
+    """
+    from jaxrender.morphable.fitting import face_loss
+
+    d = dict(data)
+    for k in ("camera", "lm_weights", "unit"):
+        if k not in d and k in shared:
+            d[k] = shared[k]
+    loss, terms = face_loss(shared["model"], params, d, shared["weights"], settings, hard=hard, sigma=sigma,
+                            regularize=regularize)
+    return loss, {k: v for k, v in terms.items() if k != "loss"}
+
+
+def _face_optimizer(lrs, groups, frozen=()):
+    opts = {k: (optax.set_to_zero() if k in frozen else optax.adam(lrs[k])) for k in groups}
+    opts["frozen"] = optax.set_to_zero()
+
+    def labels(p):
+        return {k: jax.tree_util.tree_map(lambda _: (k if k in groups else "frozen"), v) for k, v in p.items()}
+
+    return _fit.param_groups(opts, labels)
+
+
+def fit_faces_sharded(model, images, landmarks=None, mesh: Mesh | None = None, masks=None, *, camera=None,
+                      steps=(300, 200), weights=None, lr=None, soft: bool = False, faces_per_pixel: int = 8,
+                      blur_radius: float = 1e-5, sigma: float = 1e-6, coeff_bound: float | None = 4.0, init=None,
+                      steps_per_call: int = 50, batch_axis_name: str = "batch", method: str = "shard_map",
+                      checkpoint_dir=None, resume: bool = False, callback=None, progress=False):
+    """:func:`jaxrender.morphable.fitting.fit_faces_batched` with the images sharded over a mesh.
+
+    Same two stages (landmarks: pose, identity, expression; then photometric:
+    everything, with albedo and SH lighting), same per-image loss
+    (:func:`face_fit_loss`), same weights and learning rates; but each image
+    has its own Adam state (vmapped update), the batch axis is split over the
+    devices of ``mesh`` (padding a batch that does not divide them), the
+    model and camera are replicated, and each stage reports per-image losses.
+
+    Args:
+        model: the :class:`~jaxrender.morphable.MorphableModel`.
+        images: ``(B, H, W, 3)`` in ``[0, 1]`` (NumPy or JAX).
+        landmarks: ``(B, L, 2)`` pixels, or ``None`` (no landmark stage).
+        mesh: the device mesh (default: all devices, see :func:`batch_mesh`).
+        masks: ``(B, H, W)`` pixel weights (default ones).
+        camera: one camera for all images (default
+            :func:`~jaxrender.morphable.fitting.default_camera`).
+        steps: ``(landmark_steps, photometric_steps)`` or one int for both.
+        weights, lr, soft, faces_per_pixel, blur_radius, sigma, coeff_bound,
+            init: as in :func:`~jaxrender.morphable.fitting.fit_faces_batched`.
+        steps_per_call, batch_axis_name, method, callback, progress: as in :func:`fit_batched`.
+        checkpoint_dir: one checkpoint per stage (``landmark.npz``, ``photo.npz``);
+            ``resume`` continues from them.
+
+    Returns:
+        ``(params, stages)``: the fitted params dict (``(B, ...)`` arrays: ``id``,
+        ``exp``, ``tex``, ``angles``, ``translation``, ``gamma``) and a dict
+        stage name -> :class:`BatchedFitResult`.
+    """
+    from jaxrender.morphable import fitting as F
+
+    if mesh is None:
+        mesh = batch_mesh(None, batch_axis_name)
+    images = np.asarray(images) if not isinstance(images, jax.Array) else images
+    if images.ndim != 4 or images.shape[-1] < 3:
+        raise ValueError(f"fit_faces_sharded: images must be (B, H, W, 3), got shape {tuple(images.shape)}")
+    B, H, W = images.shape[:3]
+    dtype = jnp.float32
+    images = images[..., :3]
+    if np.issubdtype(images.dtype, np.integer):
+        images = images.astype(np.float32) / 255.0
+    images = images.astype(np.float32)
+    if camera is None:
+        camera = F.default_camera(model, (H, W))
+    if (camera.height, camera.width) != (H, W):
+        raise ValueError(f"fit_faces_sharded: images are {H}x{W} but the camera is {camera.height}x{camera.width}")
+    if landmarks is not None:
+        landmarks = np.asarray(landmarks, np.float32)
+        if landmarks.shape != (B, model.num_landmarks, 2):
+            raise ValueError(f"fit_faces_sharded: landmarks must be (B, {model.num_landmarks}, 2), got {landmarks.shape}")
+    masks = np.ones((B, H, W), np.float32) if masks is None else np.asarray(masks, np.float32)
+    w = dict(F.DEFAULT_WEIGHTS)
+    if weights:
+        unknown = set(weights) - set(w)
+        if unknown:
+            raise ValueError(f"fit_faces_sharded: unknown loss weights {sorted(unknown)}")
+        w.update(weights)
+    lrs = dict(F.DEFAULT_LR)
+    if isinstance(lr, (int, float)):
+        lrs = {k: float(lr) * v / F.DEFAULT_LR["id"] for k, v in lrs.items()}
+    elif lr:
+        lrs.update(lr)
+    s_lm, s_ph = (steps, steps) if isinstance(steps, int) else (int(steps[0]), int(steps[1]))
+    unit = _face_unit(model)
+    shared = dict(model=model, camera=camera, weights={k: jnp.asarray(v, dtype) for k, v in w.items()},
+                  lm_weights=F.landmark_weights(model.num_landmarks, dtype), unit=jnp.asarray(unit, dtype))
+    if init is None:
+        lm_j = None if landmarks is None else jnp.asarray(landmarks)
+        init = jax.jit(jax.vmap(lambda l: F.init_params(model, camera, l, dtype)))(lm_j) if lm_j is not None else \
+            _broadcast_params(F.init_params(model, camera, None, dtype), B)
+    params = jax.tree_util.tree_map(lambda x: jnp.asarray(x, dtype), dict(init))
+    groups = tuple(k for k in ("id", "exp", "tex", "angles", "translation", "gamma") if k in params)
+    cons = None if coeff_bound is None else _fit.clamp(-float(coeff_bound), float(coeff_bound),
+                                                         where=lambda p: (p["id"], p["exp"], p["tex"]))
+    settings = _raster_settings(H, W, soft, faces_per_pixel, blur_radius)
+    stages = {}
+    common = dict(mesh=mesh, batch_axis_name=batch_axis_name, shared=shared, constraints=cons, has_aux=True,
+                  steps_per_call=steps_per_call, method=method, callback=callback, progress=progress)
+
+    def ckpt(name):
+        return None if checkpoint_dir is None else os.path.join(os.fspath(checkpoint_dir), f"{name}.npz")
+
+    if landmarks is not None and s_lm > 0:
+        def lm_loss(p, d, sh):
+            return face_fit_loss(p, d, sh, settings=None, regularize=("id", "exp", "tex"))
+
+        r = fit_batched(lm_loss, params, {"landmarks": landmarks}, _face_optimizer(lrs, groups, ("tex", "gamma")), s_lm,
+                        checkpoint=ckpt("landmark"), resume=resume and checkpoint_dir is not None, **common)
+        stages["landmark"] = r
+        params = r.params
+    if s_ph > 0:
+        data = {"image": images, "mask": masks}
+        if landmarks is not None:
+            data["landmarks"] = landmarks
+
+        def ph_loss(p, d, sh):
+            return face_fit_loss(p, d, sh, settings=settings, hard=not soft, sigma=sigma)
+
+        r = fit_batched(ph_loss, params, data, _face_optimizer(lrs, groups), s_ph,
+                        checkpoint=ckpt("photo"), resume=resume and checkpoint_dir is not None, **common)
+        stages["photo"] = r
+        params = r.params
+    return params, stages
+
+
+def _raster_settings(H, W, soft, faces_per_pixel, blur_radius):
+    from jaxrender.raster import RasterSettings
+
+    if not soft:
+        return RasterSettings(image_size=(H, W), faces_per_pixel=1, blur_radius=0.0)
+    return RasterSettings(image_size=(H, W), faces_per_pixel=int(faces_per_pixel), blur_radius=float(blur_radius))
