@@ -61,21 +61,21 @@ def scene(name):
     return verts, colors, jnp.asarray(m.faces), cam, size
 
 
-def workload(kind, size, capacity, bin_size):
+def workload(kind, size, capacity, bin_size, backend=None):
     lights = (AmbientLight(0.5), PointLight(position=(0.0, 0.0, 3.0), color=0.3, specular_color=0.2))
     if kind == "soft_rgb_k10":
         s = jr.RasterSettings(image_size=size, faces_per_pixel=10, blur_radius=BLUR,
-                              max_faces_per_bin=capacity, bin_size=bin_size)
+                              max_faces_per_bin=capacity, bin_size=bin_size, backend=backend)
     elif kind == "soft_sil_k50":
         s = jr.RasterSettings(image_size=size, faces_per_pixel=50, blur_radius=BLUR,
-                              max_faces_per_bin=capacity, bin_size=bin_size)
+                              max_faces_per_bin=capacity, bin_size=bin_size, backend=backend)
     elif kind.startswith("select_k"):
         k = int(kind[len("select_k"):])
         s = jr.RasterSettings(image_size=size, faces_per_pixel=k, blur_radius=BLUR if k > 1 else 0.0,
-                              max_faces_per_bin=capacity, bin_size=bin_size)
+                              max_faces_per_bin=capacity, bin_size=bin_size, backend=backend)
     elif kind == "hard_k1":
         s = jr.RasterSettings(image_size=size, faces_per_pixel=1, blur_radius=0.0,
-                              max_faces_per_bin=capacity, bin_size=bin_size)
+                              max_faces_per_bin=capacity, bin_size=bin_size, backend=backend)
     else:
         raise ValueError(kind)
 
@@ -122,9 +122,9 @@ def time_fn(fn, args, repeats):
     return statistics.median(times), compile_s, out
 
 
-def run(scene_name, kind, repeats, capacity, bin_size):
+def run(scene_name, kind, repeats, capacity, bin_size, backend=None):
     verts, colors, faces, cam, size = scene(scene_name)
-    s, render_one = workload(kind, size, capacity, bin_size)
+    s, render_one = workload(kind, size, capacity, bin_size, backend)
     w = jnp.asarray(np.random.default_rng(1).normal(size=(verts.shape[0], size, size, 4 if kind in ("soft_rgb_k10", "hard_k1") else 1)),
                     jnp.float32)
 
@@ -141,7 +141,7 @@ def run(scene_name, kind, repeats, capacity, bin_size):
     b_ms, b_compile, _ = time_fn(fwd_bwd, (verts, colors), repeats)
     peak, peak_kind = peak_memory_bytes()
     return {
-        "scene": scene_name, "workload": kind, "backend": "xla",
+        "scene": scene_name, "workload": kind, "backend": backend or "auto",
         "fwd_ms": f_ms, "fwd_bwd_ms": b_ms,
         "compile_fwd_s": f_compile, "compile_fwd_bwd_s": b_compile,
         "peak_bytes": peak, "peak_kind": peak_kind,
@@ -159,6 +159,7 @@ def main(argv=None):
     p.add_argument("--capacity", type=int, default=None, help="max_faces_per_bin (default: library default)")
     p.add_argument("--bin-size", type=int, default=None)
     p.add_argument("--out", default=None, help="write JSON results here")
+    p.add_argument("--backend", default=None, choices=["xla", "pallas", "auto"], help="selection-pass backend")
     a = p.parse_args(argv)
     if a.scenes == "small":
         scenes = ["small_256_b1", "small_256_b32"]
@@ -170,15 +171,15 @@ def main(argv=None):
     meta = {"device": getattr(dev, "device_kind", str(dev)), "platform": dev.platform, "jax": jax.__version__,
             "date": datetime.date.today().isoformat(), "host": platform.node()}
     print(f"# {meta['device']} ({meta['platform']}), JAX {meta['jax']}, {meta['date']}")
-    print("| scene | workload | fwd ms | fwd+bwd ms | peak | compile fwd+bwd s | overflow | max bin count |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| scene | workload | backend | fwd ms | fwd+bwd ms | peak | compile fwd+bwd s | overflow | max bin count |")
+    print("|---|---|---|---|---|---|---|---|---|")
     rows = []
     for sc in scenes:
         for wl in a.workloads.split(","):
-            r = run(sc, wl, a.repeats, a.capacity, a.bin_size)
+            r = run(sc, wl, a.repeats, a.capacity, a.bin_size, a.backend)
             r.update(meta)
             rows.append(r)
-            print(f"| {sc} | {wl} | {r['fwd_ms']:.2f} | {r['fwd_bwd_ms']:.2f} | {r['peak_bytes'] / 2**20:.0f} MiB "
+            print(f"| {sc} | {wl} | {r['backend']} | {r['fwd_ms']:.2f} | {r['fwd_bwd_ms']:.2f} | {r['peak_bytes'] / 2**20:.0f} MiB "
                   f"({r['peak_kind']}) | {r['compile_fwd_bwd_s']:.1f} | {r['overflow']} | {r['max_bin_count']} |",
                   flush=True)
             if a.out:

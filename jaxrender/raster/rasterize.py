@@ -49,22 +49,16 @@ def _point_segment_dist2(px, py, ax, ay, bx, by):
     return ex * ex + ey * ey
 
 
-def fragment_geometry(tri, px, py, *, perspective_correct: bool, clip_barycentrics: bool, ndc_per_pixel: float):
-    """Barycentrics, depth and signed squared distance of pixels w.r.t. triangles.
+def geometry_core(x0, y0, z0, x1, y1, z1, x2, y2, z2, px, py, *, perspective_correct: bool,
+                  clip_barycentrics: bool, ndc_per_pixel: float):
+    """Component-wise core of :func:`fragment_geometry` (elementwise ops only).
 
-    Broadcasts over leading axes: ``tri`` is ``(..., 3, 3)`` with rows
-    ``(x_pix, y_pix, depth)`` per vertex; ``px``, ``py`` broadcast against
-    ``tri[..., 0, 0]``.
+    Every argument broadcasts against the others. Used unchanged by the XLA
+    path and the GPU kernels, so both select the same faces.
 
     Returns:
-      ``(bary (..., 3), depth (...), dist (...), inside (...))`` where ``bary``
-      is perspective-corrected and clipped as asked, ``depth`` is interpolated
-      with ``bary``, and ``dist`` is the squared distance to the triangle's
-      boundary in NDC units, negative inside.
+      ``(b0, b1, b2, depth, dist, inside)``.
     """
-    x0, y0, z0 = tri[..., 0, 0], tri[..., 0, 1], tri[..., 0, 2]
-    x1, y1, z1 = tri[..., 1, 0], tri[..., 1, 1], tri[..., 1, 2]
-    x2, y2, z2 = tri[..., 2, 0], tri[..., 2, 1], tri[..., 2, 2]
     area = _edge(x0, y0, x1, y1, x2, y2)
     safe_area = jnp.where(jnp.abs(area) > _AREA_EPS, area, 1.0)
     l0 = _edge(x1, y1, x2, y2, px, py) / safe_area
@@ -90,6 +84,26 @@ def fragment_geometry(tri, px, py, *, perspective_correct: bool, clip_barycentri
     )
     d2 = d2 * (ndc_per_pixel * ndc_per_pixel)
     dist = jnp.where(inside, -d2, d2)
+    return b0, b1, b2, depth, dist, inside
+
+
+def fragment_geometry(tri, px, py, *, perspective_correct: bool, clip_barycentrics: bool, ndc_per_pixel: float):
+    """Barycentrics, depth and signed squared distance of pixels w.r.t. triangles.
+
+    Broadcasts over leading axes: ``tri`` is ``(..., 3, 3)`` with rows
+    ``(x_pix, y_pix, depth)`` per vertex; ``px``, ``py`` broadcast against
+    ``tri[..., 0, 0]``.
+
+    Returns:
+      ``(bary (..., 3), depth (...), dist (...), inside (...))`` where ``bary``
+      is perspective-corrected and clipped as asked, ``depth`` is interpolated
+      with ``bary``, and ``dist`` is the squared distance to the triangle's
+      boundary in NDC units, negative inside.
+    """
+    comps = [tri[..., i, j] for i in range(3) for j in range(3)]
+    b0, b1, b2, depth, dist, inside = geometry_core(
+        *comps, px, py, perspective_correct=perspective_correct,
+        clip_barycentrics=clip_barycentrics, ndc_per_pixel=ndc_per_pixel)
     return jnp.stack([b0, b1, b2], axis=-1), depth, dist, inside
 
 
@@ -183,6 +197,16 @@ def _select_faces(tri, valid, settings: RasterSettings, znear):
     npix = bs * bs
     block = settings.resolved_candidate_block
 
+    use_pallas = settings.pallas_interpret
+    if not use_pallas and tri.dtype == jnp.float32:
+        from .pallas_select import resolve_backend
+        use_pallas = resolve_backend(settings.backend) == "pallas"
+    if use_pallas:
+        from .pallas_select import select_pallas
+        sel = select_pallas(tri, face_s, starts, counts, znear, settings=settings, nby=nby, nbx=nbx,
+                            interpret=settings.pallas_interpret)
+        return _finish_selection(sel, counts, capacity, pair_overflow, settings, nby, nbx)
+
     # Busy tiles together, so a chunk's loop length fits all its tiles.
     order = jnp.argsort(-counts)
     chunk = min(settings.resolved_bin_chunk(npix, block), num_tiles)
@@ -234,6 +258,13 @@ def _select_faces(tri, valid, settings: RasterSettings, znear):
     sel = jax.lax.map(per_chunk, (order_p, live_p))  # (n_chunks, C, P, kk)
     sel = sel.reshape(n_chunks * chunk, npix, kk)[:num_tiles]
     sel = jnp.zeros_like(sel).at[order].set(sel)  # back to tile order
+    return _finish_selection(sel, counts, capacity, pair_overflow, settings, nby, nbx)
+
+
+def _finish_selection(sel, counts, capacity, pair_overflow, settings, nby, nbx):
+    """Per-tile ``(T, bs*bs, K)`` selections to the image and the statistics."""
+    h, w = settings.image_size
+    bs, k = settings.resolved_bin_size, settings.faces_per_pixel
     img = sel.reshape(nby, nbx, bs, bs, k).transpose(0, 2, 1, 3, 4).reshape(nby * bs, nbx * bs, k)
     face_idx = img[:h, :w]
     num_overflow = (jnp.sum(jnp.maximum(counts - capacity, 0)) + pair_overflow).astype(jnp.int32)

@@ -40,6 +40,15 @@ class RasterSettings(eqx.Module):
         that count is zero (``Fragments.max_bin_count`` is the capacity that
         would have been enough). ``None``: no per-tile limit (only
         ``max_tile_pairs`` bounds the work).
+      backend: the selection pass's implementation: ``None`` / ``"auto"``
+        (the Pallas GPU kernel on a CUDA GPU when available and the inputs
+        are float32, else XLA), ``"xla"`` (the reference, runs everywhere) or
+        ``"pallas"``. Both select the same faces; the differentiable part is
+        XLA in both.
+      pallas_block, pallas_num_warps: the GPU kernel's candidates per step
+        and Triton warps per program.
+      pallas_interpret: run the Pallas kernel in interpret mode (any
+        backend; slow; for testing the kernel on the CPU).
       max_tile_pairs: static budget of (face, tile) pairs the binning may
         emit in all: each face emits one pair per tile its bounding box
         (grown by the blur radius) touches. Pairs beyond it are dropped and
@@ -75,6 +84,10 @@ class RasterSettings(eqx.Module):
     bin_chunk: Union[int, None] = eqx.field(static=True, default=None)
     candidate_block: Union[int, None] = eqx.field(static=True, default=None)
     max_tile_pairs: Union[int, None] = eqx.field(static=True, default=None)
+    backend: Union[str, None] = eqx.field(static=True, default=None)
+    pallas_block: int = eqx.field(static=True, default=32)
+    pallas_num_warps: int = eqx.field(static=True, default=4)
+    pallas_interpret: bool = eqx.field(static=True, default=False)
 
     def __check_init__(self):
         h, w = self.image_size
@@ -90,6 +103,8 @@ class RasterSettings(eqx.Module):
             raise ValueError(f"max_faces_per_bin must be >= 1 or None, got {self.max_faces_per_bin}")
         if self.near_rule not in NEAR_RULES:
             raise ValueError(f"near_rule must be one of {NEAR_RULES}, got {self.near_rule!r}")
+        if self.backend not in (None, "auto", "xla", "pallas"):
+            raise ValueError(f"backend must be None, 'auto', 'xla' or 'pallas', got {self.backend!r}")
         for name in ("bin_chunk", "candidate_block", "max_tile_pairs"):
             v = getattr(self, name)
             if v is not None and int(v) < 1:
