@@ -51,9 +51,10 @@ def _as_float(x):
 
 
 def _check_order(order):
-    if not isinstance(order, str) or order.lower() not in EULER_ORDERS:
-        raise ValueError(f"order must be one of {EULER_ORDERS}, got {order!r}")
-    return order.lower()
+    # Upper case is rejected on purpose: SciPy reads "XYZ" as intrinsic rotations.
+    if not isinstance(order, str) or order not in EULER_ORDERS:
+        raise ValueError(f"order must be one of {EULER_ORDERS} (lower case, extrinsic), got {order!r}")
+    return order
 
 
 def _axis_rotation(axis: str, angle):
@@ -121,9 +122,13 @@ def matrix_to_euler(R, order: str = "xyz"):
     """Euler angles of a rotation matrix; the inverse of :func:`euler_to_matrix`.
 
     The middle angle is returned in ``[-pi/2, pi/2]``, the other two in
-    ``(-pi, pi]``. At gimbal lock (middle angle ``±pi/2``) only the sum or the
-    difference of the outer angles is defined; the last angle is then set to
-    0 so that ``euler_to_matrix(matrix_to_euler(R)) == R`` still holds.
+    ``[-pi, pi]``. The first angle is read from the matrix, the middle one
+    from a well-conditioned ``atan2``, and the last one from what remains of
+    ``R`` once the first two rotations are undone, so
+    ``euler_to_matrix(matrix_to_euler(R)) == R`` to rounding error for every
+    rotation, including at and near gimbal lock (middle angle ``±pi/2``). There
+    only the sum or difference of the outer angles is defined; at exact lock
+    the first angle is 0.
 
     Args:
       R: ``(..., 3, 3)`` rotation matrices.
@@ -138,17 +143,18 @@ def matrix_to_euler(R, order: str = "xyz"):
     i, j, k = (_AXIS[a] for a in order)
     # +1 for cyclic orders (xyz, yzx, zxy), -1 for the others.
     sign = 1.0 if (j - i) % 3 == 1 else -1.0
+    # With R = R_k(c) R_j(b) R_i(a): R[k, i] = -sign sin(b), the rest of column
+    # i has norm cos(b), and row k is cos(b) (.., sign sin(a), cos(a)).
     cos_b = _safe_norm(jnp.stack([R[..., i, i], R[..., j, i]], axis=-1))
     beta = jnp.arctan2(-sign * R[..., k, i], cos_b)
-    locked = cos_b < 1e-6 if R.dtype == jnp.float64 else cos_b < 1e-4
-    # Feed harmless values to the unused branch so its gradient stays finite.
-    alpha_free = jnp.arctan2(jnp.where(locked, 0.0, sign * R[..., k, j]), jnp.where(locked, 1.0, R[..., k, k]))
-    gamma_free = jnp.arctan2(jnp.where(locked, 0.0, sign * R[..., j, i]), jnp.where(locked, 1.0, R[..., i, i]))
-    # Gimbal lock: gamma := 0, then R = R_j(beta) R_i(alpha) and alpha is read
-    # from row j, which does not involve beta.
-    alpha_lock = jnp.arctan2(-sign * R[..., j, k], R[..., j, j])
-    alpha = jnp.where(locked, alpha_lock, alpha_free)
-    gamma = jnp.where(locked, 0.0, gamma_free)
+    y, x = sign * R[..., k, j], R[..., k, k]
+    exact_lock = x * x + y * y < 1e-30  # atan2(0, 0): pick a = 0, keep the gradient finite
+    alpha = jnp.arctan2(jnp.where(exact_lock, 0.0, y), jnp.where(exact_lock, 1.0, x))
+    # R_k(c) = R @ (R_j(b) R_i(a)).T, read with the two axes that follow k cyclically.
+    A = _axis_rotation(order[1], beta) @ _axis_rotation(order[0], alpha)
+    M = R @ jnp.swapaxes(A, -1, -2)
+    p, q = (k + 1) % 3, (k + 2) % 3
+    gamma = jnp.arctan2(M[..., q, p], M[..., p, p])
     return jnp.stack([alpha, beta, gamma], axis=-1)
 
 

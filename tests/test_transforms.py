@@ -69,12 +69,12 @@ def test_euler_single_axis_closed_form(axis, idx):
 
 @jax.jit
 def _euler_all_orders(angles, Rs):
-    """Per order: R(angles), euler(R(angles)), R(euler(Rs)) and d sum(euler(R)) / dR at R(angles)."""
+    """Per order: R(angles), euler(R(angles)), R(euler(Rs)), and d sum(euler(R)) / dR at R(angles) and at Rs."""
     out = {}
     for o in ORDERS:
         R = T.euler_to_matrix(angles, o)
-        grad = jax.grad(lambda r: T.matrix_to_euler(r, o).sum())(R)
-        out[o] = (R, T.matrix_to_euler(R, o), T.euler_to_matrix(T.matrix_to_euler(Rs, o), o), grad)
+        grad = jax.grad(lambda r: T.matrix_to_euler(r, o).sum())
+        out[o] = (R, T.matrix_to_euler(R, o), T.euler_to_matrix(T.matrix_to_euler(Rs, o), o), grad(R), grad(Rs))
     return out
 
 
@@ -84,7 +84,7 @@ def test_euler_all_orders_match_numpy_and_scipy(rng):
     Rs = random_rotations(rng, 20)
     out = _euler_all_orders(jnp.asarray(angles, jnp.float32), jnp.asarray(Rs, jnp.float32))
     for order in ORDERS:
-        R, back, R2, _ = (np.asarray(v) for v in out[order])
+        R, back, R2, _, _ = (np.asarray(v) for v in out[order])
         for a, r in zip(angles, R):
             ref = np_axis(order[2], a[2]) @ np_axis(order[1], a[1]) @ np_axis(order[0], a[0])
             np.testing.assert_allclose(r, ref, atol=1e-5, err_msg=order)
@@ -107,15 +107,22 @@ def test_euler_faceverse_convention(rng):
 
 
 def test_euler_gimbal_lock():
-    # same shapes as above, so the compiled function is reused
-    angles = np.tile([[0.4, np.pi / 2, -0.3], [-1.0, -np.pi / 2, 2.0]], (10, 1))
-    out = _euler_all_orders(jnp.asarray(angles, jnp.float32), jnp.broadcast_to(jnp.eye(3), (20, 3, 3)))
+    # middle angle at and near +-pi/2; matrices computed in float32, so small
+    # entries carry absolute rounding errors as they would in practice
+    d = np.array([0.0, 1e-7, 1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 0.0, 1e-6, 1e-4])
+    mid = np.concatenate([np.pi / 2 - d, -(np.pi / 2 - d)])
+    angles = np.stack([np.linspace(-3, 3, 20), mid, np.linspace(2.5, -2.0, 20)], axis=1)
+    # exact quarter turns (exact zeros: atan2(0, 0) territory) and random rotations
+    quarter = [np.round(Rotation.from_rotvec(sgn * np.pi / 2 * e).as_matrix()) for e in np.eye(3) for sgn in (1, -1)]
+    Rs = np.concatenate([np.stack(quarter), random_rotations(np.random.default_rng(3), 14)])
+    out = _euler_all_orders(jnp.asarray(angles, jnp.float32), jnp.asarray(Rs, jnp.float32))
     for order in ORDERS:
-        R, back, _, grad = (np.asarray(v) for v in out[order])
-        assert np.all(np.isfinite(back)) and np.all(np.isfinite(grad)), order
+        R, back, R2, grad, grad_quarter = (np.asarray(v) for v in out[order])
+        assert np.all(np.isfinite(back)) and np.all(np.isfinite(grad)) and np.all(np.isfinite(grad_quarter)), order
+        np.testing.assert_allclose(R2, Rs, atol=2e-6, err_msg=order)
         for a, r in zip(back, R):
             R_back = np_axis(order[2], a[2]) @ np_axis(order[1], a[1]) @ np_axis(order[0], a[0])
-            np.testing.assert_allclose(R_back, r, atol=1e-5, err_msg=order)
+            np.testing.assert_allclose(R_back, r, atol=2e-6, err_msg=order)
 
 
 def test_euler_errors():
@@ -123,6 +130,8 @@ def test_euler_errors():
         T.euler_to_matrix(jnp.zeros(3), order="xyx")
     with pytest.raises(ValueError, match="order"):
         T.matrix_to_euler(jnp.eye(3), order="abc")
+    with pytest.raises(ValueError, match="order"):
+        T.euler_to_matrix(jnp.zeros(3), order="XYZ")  # SciPy's intrinsic spelling
     with pytest.raises(ValueError, match="angles"):
         T.euler_to_matrix(jnp.zeros(4))
     with pytest.raises(ValueError, match="R"):
