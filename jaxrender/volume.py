@@ -307,19 +307,31 @@ def _corner_and_frac(coords, sizes_xyz):
     ``coords`` ``(N, 3)`` in (x, y, z) voxel units; returns int32 ``(N, 3)``
     start indices in (z, y, x) table order and ``(N, 3)`` fractions (x, y, z).
     Coordinates are clamped to the padded table, whose border is zero, so
-    points far outside read exactly 0 (with zero gradient) and never index out
-    of range.
+    points far outside read exactly 0 (with zero gradient). Points whose value
+    is identically zero (outside the open box ``(-1, size)`` on some axis) get
+    an out-of-range start index instead: the gather returns its fill value 0
+    for them and the backward scatter-add drops them, so they cost no atomic
+    additions into the border (on GPUs, where many such samples would
+    otherwise pile onto the same few border voxels).
     """
     n = jnp.asarray(sizes_xyz, coords.dtype)
     p = jnp.clip(coords + 1, 0, n + 1)
     i0 = jnp.clip(jnp.floor(p), 0, n)
     frac = p - lax.stop_gradient(i0)
     start = i0.astype(jnp.int32)[:, ::-1]
+    inside = jnp.all((coords > -1) & (coords < n), axis=-1)
+    # z start = D + 2 puts the whole 2-voxel window past the end of the table.
+    oob = jnp.asarray([int(sizes_xyz[2]) + 2, 0, 0], jnp.int32)
+    start = jnp.where(lax.stop_gradient(inside)[:, None], start, oob)
     return start, frac
 
 
 def _gather_blocks(table, start):
-    """Gather the 2×2×2 neighbourhood of each start index: ``(N, 2, 2, 2, C)``."""
+    """Gather the 2×2×2 neighbourhood of each start index: ``(N, 2, 2, 2, C)``.
+
+    Windows that do not fit in the table read 0 (and their cotangents are
+    dropped by the transposed scatter-add).
+    """
     C = table.shape[-1]
     dnums = lax.GatherDimensionNumbers(offset_dims=(1, 2, 3, 4), collapsed_slice_dims=(), start_index_map=(0, 1, 2))
     return lax.gather(
@@ -327,7 +339,8 @@ def _gather_blocks(table, start):
         start,
         dnums,
         slice_sizes=(2, 2, 2, C),
-        mode=lax.GatherScatterMode.PROMISE_IN_BOUNDS,
+        mode=lax.GatherScatterMode.FILL_OR_DROP,
+        fill_value=0,
     )
 
 
