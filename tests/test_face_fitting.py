@@ -1,0 +1,126 @@
+"""Face fitting (jaxrender.morphable.fitting) on a tiny synthetic face model."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxrender.data.synthetic_face import synthetic_face_model
+from jaxrender.morphable import fitting as F
+from jaxrender.raster import RasterSettings
+
+SIZE = 40
+NO_REG = dict(id=0.0, exp=0.0, tex=0.0)
+
+
+@pytest.fixture(scope="module")
+def model():
+    return synthetic_face_model(resolution=20, n_id=6, n_exp=4, n_albedo=4, n_population=12)
+
+
+@pytest.fixture(scope="module")
+def camera(model):
+    return F.default_camera(model, SIZE)
+
+
+def _target(model, camera, seed, pose_deg=15.0):
+    rng = np.random.default_rng(seed)
+    p = F.init_params(model, camera)
+    p.update(
+        id=jnp.asarray(rng.uniform(-1, 1, model.num_id), jnp.float32),
+        exp=jnp.asarray(rng.uniform(0, 0.5, model.num_exp), jnp.float32),
+        tex=jnp.asarray(rng.uniform(-1, 1, model.num_albedo), jnp.float32),
+        angles=p["angles"] + jnp.asarray(np.deg2rad(rng.uniform(-pose_deg, pose_deg, 3)), jnp.float32),
+        translation=p["translation"] + jnp.asarray(rng.uniform(-0.1, 0.1, 3), jnp.float32),
+        gamma=jnp.asarray(np.tile(rng.uniform(-0.1, 0.1, 9), 3), jnp.float32),
+    )
+    out = F.face_forward(model, p, camera)
+    img = F.render_face(model, out, camera, RasterSettings(image_size=SIZE))
+    image = img[..., :3] + (1 - img[..., 4:5]) * 0.5
+    return p, np.asarray(image), np.asarray(out["landmarks_2d"])
+
+
+def test_landmark_fit_recovers_pose_and_identity(model, camera):
+    p, image, lm = _target(model, camera, 0)
+    r = F.fit_face(model, image, lm, camera=camera, steps=(400, 0), weights=NO_REG, lr=dict(id=0.05, exp=0.05))
+    assert set(r.stages) == {"landmark"}
+    err = np.linalg.norm(np.asarray(r.landmarks_2d) - lm, axis=1).mean()
+    assert err < 0.1, err
+    np.testing.assert_allclose(np.asarray(r.params["angles"]), np.asarray(p["angles"]), atol=np.deg2rad(3.0))
+    # shape in the model frame (landmarks alone leave some of it free): within 5% of the face size
+    v_true = F.face_forward(model, p, camera)["vertices_model"]
+    verr = np.linalg.norm(np.asarray(r.vertices_model - v_true), axis=1).mean() / r.unit
+    assert verr < 0.05, verr
+    assert r.coeffs.shape == (model.num_id + model.num_exp + model.num_albedo + 38,)
+
+
+def test_photometric_stage_lowers_loss(model, camera):
+    _, image, lm = _target(model, camera, 1)
+    r = F.fit_face(model, image, lm, camera=camera, steps=(100, 40))
+    h = r.stages["photo"].history
+    assert np.all(np.isfinite(h["loss"]))
+    assert h["photo"][-1] < 0.8 * h["photo"][0]
+    assert r.stages["photo"].final_loss < h["loss"][0]
+    assert r.image.shape == (SIZE, SIZE, 5)
+
+
+def test_batched_equals_per_image(model, camera):
+    targets = [_target(model, camera, s) for s in (2, 3)]
+    images = np.stack([t[1] for t in targets])
+    lms = np.stack([t[2] for t in targets])
+    kw = dict(camera=camera, steps=(30, 10), steps_per_call=20)
+    rb = F.fit_faces_batched(model, images, lms, **kw)
+    for i in range(2):
+        ri = F.fit_face(model, images[i], lms[i], **kw)
+        for k in ri.params:
+            np.testing.assert_allclose(np.asarray(rb.params[k][i]), np.asarray(ri.params[k]), rtol=1e-3, atol=2e-4,
+                                       err_msg=k)
+
+
+def test_track_face_three_frames(model, camera):
+    p0, _, _ = _target(model, camera, 4)
+    frames, lms, truth = [], [], []
+    for t in range(3):
+        p = dict(p0)
+        p["angles"] = p0["angles"] + jnp.array([0.0, 0.05 * t, 0.0])
+        p["exp"] = p0["exp"] * (1.0 + 0.2 * t)
+        out = F.face_forward(model, p, camera)
+        img = F.render_face(model, out, camera, RasterSettings(image_size=SIZE))
+        frames.append(np.asarray(img[..., :3] + (1 - img[..., 4:5]) * 0.5))
+        lms.append(np.asarray(out["landmarks_2d"]))
+        truth.append(np.asarray(out["vertices_model"]))
+    r = F.track_face(model, np.stack(frames), np.stack(lms), camera=camera, steps=(200, 10), num_keyframes=2,
+                     window=2, weights=dict(NO_REG, smooth=0.1))
+    assert r.vertices.shape == (3, model.num_vertices, 3)
+    assert r.params["id"].shape == (model.num_id,) and r.params["exp"].shape == (3, model.num_exp)
+    err = np.linalg.norm(np.asarray(r.landmarks_2d) - np.stack(lms), axis=-1).mean()
+    assert err < 0.5, err
+    verr = np.linalg.norm(np.asarray(r.vertices_model) - np.stack(truth), axis=-1).mean() / F._unit(model)
+    assert verr < 0.05, verr
+    assert any(k.startswith("frames 2-2") for k in r.stages)  # second window ran, warm-started
+
+
+def test_loss_jit_vmap(model, camera):
+    targets = [_target(model, camera, s) for s in (5, 6)]
+    data = dict(camera=camera, image=jnp.stack([t[1] for t in targets]), mask=jnp.ones((2, SIZE, SIZE)),
+                landmarks=jnp.stack([t[2] for t in targets]), lm_weights=F.landmark_weights(68), unit=F._unit(model))
+    params = jax.vmap(lambda l: F.init_params(model, camera, l))(data["landmarks"])
+    st = RasterSettings(image_size=SIZE)
+    w = F.DEFAULT_WEIGHTS
+    axes = dict(camera=None, image=0, mask=0, landmarks=0, lm_weights=None, unit=None)
+    f = jax.jit(jax.vmap(lambda p, d: F.face_loss(model, p, d, w, st)[0], in_axes=(0, axes)))
+    batched = np.asarray(f(params, data))
+    for i in range(2):
+        di = {k: (v[i] if axes[k] == 0 else v) for k, v in data.items()}
+        pi = {k: v[i] for k, v in params.items()}
+        np.testing.assert_allclose(batched[i], float(F.face_loss(model, pi, di, w, st)[0]), rtol=1e-5)
+    g = jax.jit(jax.grad(lambda p: jnp.sum(f(p, data))))(params)
+    assert all(np.all(np.isfinite(np.asarray(x))) for x in jax.tree_util.tree_leaves(g))
+
+
+def test_bad_inputs(model, camera):
+    with pytest.raises(ValueError, match="landmarks"):
+        F.fit_faces_batched(model, np.zeros((1, SIZE, SIZE, 3)), np.zeros((1, 5, 2)), camera=camera, steps=(1, 0))
+    with pytest.raises(ValueError, match="camera"):
+        F.fit_face(model, np.zeros((SIZE + 1, SIZE, 3)), camera=camera, steps=(0, 1))
+    with pytest.raises(ValueError, match="unknown loss weights"):
+        F.fit_face(model, np.zeros((SIZE, SIZE, 3)), camera=camera, steps=(0, 1), weights=dict(foo=1.0))
