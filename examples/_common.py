@@ -37,13 +37,14 @@ render_silhouette = eqx.filter_jit(_render.render_silhouette)
 
 def parse_args(name: str, description: str, add_arguments=None) -> argparse.Namespace:
     """``--quick``, ``--out`` (default ``out/<name>``), ``--seed``, plus the script's own."""
-    p = argparse.ArgumentParser(prog=f"{name}.py", description=description)
+    p = argparse.ArgumentParser(prog=f"{name}.py", description=description, conflict_handler="resolve")
     p.add_argument("--quick", action="store_true", help="tiny sizes and few steps (CI / smoke test, < 60 s on 2 CPU cores)")
     p.add_argument("--out", default=os.path.join("out", name), help="output folder (default: out/%(prog)s without .py)")
     p.add_argument("--seed", type=int, default=0, help="random seed")
     p.add_argument("--steps", type=int, default=None, help="override the number of optimisation steps")
+    p.add_argument("--size", type=int, default=None, help="override the image size in pixels (square)")
     if add_arguments is not None:
-        add_arguments(p)
+        add_arguments(p)  # may redefine a common option (conflict_handler="resolve")
     args = p.parse_args()
     os.makedirs(args.out, exist_ok=True)
     args.t0 = time.perf_counter()

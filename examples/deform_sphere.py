@@ -105,7 +105,7 @@ def chamfer_pct(mesh, target, n=20000, seed=0):
 
 def main():
     args = C.parse_args("deform_sphere", __doc__.splitlines()[0])
-    size = 64 if args.quick else 96
+    size = args.size or (64 if args.quick else 96)
     steps = args.steps or (100 if args.quick else 400)
     level0 = 1 if args.quick else 2
     n_views, n_test, batch = (12, 4, 2) if args.quick else (24, 8, 3)

@@ -64,7 +64,7 @@ def rotation_error_deg(Ra, Rb):
 
 def main():
     args = C.parse_args("fit_camera_pose", __doc__.splitlines()[0], add_args)
-    size = 32 if args.quick else 48
+    size = args.size or (32 if args.quick else 48)
     steps = args.steps or (120 if args.quick else 200)
     n = args.starts or (6 if args.quick else 20)
     rng = np.random.default_rng(args.seed)

@@ -39,7 +39,7 @@ def squircle_mask(size: int, half: float = 0.8, power: float = 4.0, center=(0.0,
 
 def main():
     args = C.parse_args("fit_silhouette", __doc__.splitlines()[0])
-    size = 64 if args.quick else 128
+    size = args.size or (64 if args.quick else 128)
     steps = args.steps or (150 if args.quick else 600)
     teapot = mesh_lib.teapot(4 if args.quick else 6)
     faces = teapot.faces

@@ -55,7 +55,7 @@ def random_cameras(rng, n, size, distance=3.2):
 
 def main():
     args = C.parse_args("fit_texture", __doc__.splitlines()[0])
-    size = 48 if args.quick else 96
+    size = args.size or (48 if args.quick else 96)
     steps = args.steps or (80 if args.quick else 400)
     n_train, n_test, batch = (12, 4, 2) if args.quick else (24, 8, 4)
     rng = np.random.default_rng(args.seed)
