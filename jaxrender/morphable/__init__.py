@@ -8,6 +8,8 @@
 * :mod:`~jaxrender.morphable.flame` — :func:`load_flame`, :func:`flame_forward`.
 * :mod:`~jaxrender.morphable.faceverse` — FaceVerse's coefficient layout and
   forward pass (:func:`faceverse_forward`).
+* :mod:`~jaxrender.morphable.fitting` — :func:`fit_face`,
+  :func:`fit_faces_batched`, :func:`track_face`.
 * The built-in procedural model: :func:`jaxrender.data.synthetic_face.synthetic_face_model`.
 
 See ``docs/faces.md``.
@@ -24,6 +26,7 @@ from jaxrender.morphable.faceverse import (
     split_coeffs,
     zero_coeffs,
 )
+from jaxrender.morphable.fitting import FaceFit, TrackResult, fit_face, fit_faces_batched, track_face
 
 __all__ = [
     "MorphableModel",
@@ -49,4 +52,9 @@ __all__ = [
     "merge_coeffs",
     "num_coeffs",
     "zero_coeffs",
+    "FaceFit",
+    "TrackResult",
+    "fit_face",
+    "fit_faces_batched",
+    "track_face",
 ]

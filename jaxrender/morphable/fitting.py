@@ -479,7 +479,9 @@ def fit_face(model: MorphableModel, image, landmarks=None, mask=None, *, camera=
         landmarks constrain).
       coeff_bound: clamp of the coefficients in σ (``None``: none).
       init: initial params (default :func:`init_params`, from the landmarks).
-      steps_per_call, progress, callback: passed to :func:`jaxrender.fit.fit`.
+      steps_per_call, progress, callback: passed to :func:`jaxrender.fit.fit`
+        (``callback(step, params, loss)`` gets this image's params dict; it
+        runs between compiled calls, every ``steps_per_call`` steps).
 
     Returns:
       A :class:`FaceFit`.
@@ -490,11 +492,12 @@ def fit_face(model: MorphableModel, image, landmarks=None, mask=None, *, camera=
     image = _check_image(image, camera)
     expand = lambda x: None if x is None else jnp.asarray(x)[None]  # noqa: E731
     init_b = None if init is None else jax.tree_util.tree_map(lambda x: jnp.asarray(x)[None], dict(init))
+    first = lambda t: jax.tree_util.tree_map(lambda x: x[0], t)  # noqa: E731
+    cb = None if callback is None else (lambda step, p, loss: callback(step, first(p), loss))
     r = fit_faces_batched(model, image[None], expand(landmarks), expand(mask), camera=camera, steps=steps,
                           weights=weights, lr=lr, soft=soft, faces_per_pixel=faces_per_pixel,
                           blur_radius=blur_radius, sigma=sigma, coeff_bound=coeff_bound, init=init_b,
-                          steps_per_call=steps_per_call, progress=progress, callback=callback)
-    first = lambda t: jax.tree_util.tree_map(lambda x: x[0], t)  # noqa: E731
+                          steps_per_call=steps_per_call, progress=progress, callback=cb)
     return FaceFit(params=first(r.params), coeffs=r.coeffs[0], vertices=r.vertices[0],
                    vertices_model=r.vertices_model[0], landmarks_2d=r.landmarks_2d[0], image=r.image[0],
                    camera=camera, unit=r.unit, stages=r.stages)
