@@ -15,11 +15,39 @@ from jaxrender import camera as C
 from tests.helpers import check_grad
 
 
-# Compiled once per module: eager JAX compiles every primitive separately on first
-# use, which dominates the run time of small tests.
-project = jax.jit(C.project)
-unproject = jax.jit(C.unproject)
-pixel_rays = jax.jit(C.pixel_rays, static_argnames="normalize")
+# These tests push tiny arrays, so XLA compilation, not execution, is what
+# costs time on the CPU. Compiling with the backend (LLVM) optimizations off
+# halves that and changes nothing beyond rounding.
+_FAST_COMPILE = {"xla_backend_optimization_level": 0}
+
+
+def fast_jit(fun):
+    """``jax.jit(fun)`` for array / pytree arguments, compiled with ``_FAST_COMPILE``.
+
+    Call it with concrete values only (it runs a compiled executable).
+    """
+    jitted = jax.jit(fun)
+    cache = {}
+
+    def call(*args):
+        leaves, tree = jax.tree_util.tree_flatten(args)
+        key = (tree, bool(jax.config.jax_enable_x64), tuple((np.shape(v), str(getattr(v, "dtype", type(v)))) for v in leaves))
+        if key not in cache:
+            cache[key] = jitted.lower(*args).compile(_FAST_COMPILE)
+        return cache[key](*args)
+
+    return call
+
+
+# Compiled versions for the value tests: eager JAX compiles every primitive
+# separately on first use, which dominates the run time of small tests.
+project = fast_jit(C.project)
+unproject = fast_jit(C.unproject)
+_pixel_rays = {n: fast_jit(lambda cam, xy, n=n: C.pixel_rays(cam, xy, normalize=n)) for n in (False, True)}
+
+
+def pixel_rays(cam, xy=None, normalize=False):
+    return _pixel_rays[normalize](cam, xy)
 
 
 def random_points(rng, n=20, center=(0.0, 0.0, 0.0), spread=1.0):
@@ -155,7 +183,7 @@ def test_points_behind_and_on_camera_plane_are_finite():
     p = project(cam, X)
     assert np.all(np.isfinite(np.asarray(p)))
     np.testing.assert_allclose(np.asarray(p[:, 2]), [0.0, -1.0, 0.0])
-    g = jax.jit(jax.grad(lambda x: project(cam, x)[:, :2].sum()))(X)
+    g = jax.jit(jax.grad(lambda x: C.project(cam, x)[:, :2].sum()))(X)
     assert np.all(np.isfinite(np.asarray(g)))
 
 
@@ -440,7 +468,7 @@ def test_grad_wrt_points_and_vmap_over_points(x64):
     check_jit_vmap_grad(lambda X: _cat(C.project(cam, X), C.unproject(cam, X[:, :2] * 5, X[:, 2] + 3)), jnp.asarray(_X))
     # vmap over a leading batch of point sets equals the batched call
     Xb = jnp.stack([jnp.asarray(_X), jnp.asarray(_X) * 2])
-    np.testing.assert_allclose(np.asarray(jax.vmap(lambda X: project(cam, X))(Xb)), np.asarray(project(cam, Xb)), atol=1e-12)
+    np.testing.assert_allclose(np.asarray(fast_jit(jax.vmap(lambda X: C.project(cam, X)))(Xb)), np.asarray(project(cam, Xb)), atol=1e-12)
 
 
 def check_jit_vmap_grad(f, x):
@@ -456,7 +484,7 @@ def check_jit_vmap_grad(f, x):
     def g(p):
         return jnp.sum(f(p) * w)
 
-    @jax.jit
+    @fast_jit
     def everything(p):
         return f(p), jax.vmap(f)(jnp.stack([p, x2])), jax.value_and_grad(g)(p)
 

@@ -12,11 +12,37 @@ from tests.helpers import check_grad
 
 ORDERS = T.EULER_ORDERS
 
+
+# These tests push tiny arrays, so XLA compilation, not execution, is what
+# costs time on the CPU. Compiling with the backend (LLVM) optimizations off
+# halves that and changes nothing beyond rounding.
+_FAST_COMPILE = {"xla_backend_optimization_level": 0}
+
+
+def fast_jit(fun):
+    """``jax.jit(fun)`` for array / pytree arguments, compiled with ``_FAST_COMPILE``.
+
+    Call it with concrete values only (it runs a compiled executable).
+    """
+    jitted = jax.jit(fun)
+    cache = {}
+
+    def call(*args):
+        leaves, tree = jax.tree_util.tree_flatten(args)
+        key = (tree, bool(jax.config.jax_enable_x64), tuple((np.shape(v), str(getattr(v, "dtype", type(v)))) for v in leaves))
+        if key not in cache:
+            cache[key] = jitted.lower(*args).compile(_FAST_COMPILE)
+        return cache[key](*args)
+
+    return call
+
+
 # Compiled versions for the value tests: eager JAX compiles every primitive
 # separately on first use, which dominates the run time of small tests.
+_euler = {o: fast_jit(lambda a, o=o: T.euler_to_matrix(a, o)) for o in ORDERS}
 J = SimpleNamespace(
-    **{n: jax.jit(getattr(T, n), static_argnames="order") for n in ("euler_to_matrix", "matrix_to_euler")},
-    **{n: jax.jit(getattr(T, n)) for n in T.__all__ if n not in ("EULER_ORDERS", "euler_to_matrix", "matrix_to_euler")},
+    euler_to_matrix=lambda a, order="xyz": _euler[order](a),
+    **{n: fast_jit(getattr(T, n)) for n in T.__all__ if n not in ("EULER_ORDERS", "euler_to_matrix", "matrix_to_euler")},
 )
 
 
@@ -67,7 +93,7 @@ def test_euler_single_axis_closed_form(axis, idx):
     np.testing.assert_allclose(Rz @ [1, 0, 0], [0, 1, 0], atol=1e-6)
 
 
-@jax.jit
+@fast_jit
 def _euler_all_orders(angles, Rs):
     """Per order: R(angles), euler(R(angles)), R(euler(Rs)), and d sum(euler(R)) / dR at R(angles) and at Rs."""
     out = {}
@@ -152,7 +178,7 @@ def test_axis_angle_matches_scipy(rng):
     np.testing.assert_allclose(np.asarray(J.axis_angle_to_matrix(jnp.zeros(3))), np.eye(3), atol=0)
 
 
-_log_exp = jax.jit(lambda w: T.matrix_to_axis_angle(T.axis_angle_to_matrix(w)))
+_log_exp = fast_jit(lambda w: T.matrix_to_axis_angle(T.axis_angle_to_matrix(w)))
 
 
 def test_log_exp_round_trip(rng, x64):
@@ -179,7 +205,7 @@ def test_log_exp_round_trip_float32(rng):
 
 def test_axis_angle_grad_at_zero_is_exact(x64):
     # dR/dw_i at w = 0 is the generator hat(e_i)
-    @jax.jit
+    @fast_jit
     def jacobians(w, R):
         return (
             jax.jacobian(T.axis_angle_to_matrix)(w),
@@ -367,7 +393,7 @@ def check_jit_vmap_grad(f, x):
     def g(p):
         return jnp.sum(f(p) * w)
 
-    @jax.jit
+    @fast_jit
     def everything(p):
         return f(p), jax.vmap(f)(jnp.stack([p, x2])), jax.value_and_grad(g)(p)
 
