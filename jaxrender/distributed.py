@@ -355,7 +355,7 @@ class BatchedFitResult:
 class _Engine:
     """Builds and caches the compiled chunk for one (loss, optimizer, mesh, shapes) setting."""
 
-    def __init__(self, loss_fn, optimizer, *, mesh, axis_name, static_rest, data_rest, uses_data, uses_shared,
+    def __init__(self, loss_fn, optimizer, *, mesh, axis_name, static_rest, data_rest, shared_rest, uses_data, uses_shared,
                  constraints, nan_policy, has_aux, track_best, filter_spec, chunk_len, method):
         self.loss_fn = loss_fn
         self.optimizer = optimizer
@@ -365,6 +365,7 @@ class _Engine:
         self.data_rest = data_rest
         self.uses_data = uses_data
         self.uses_shared = uses_shared
+        self.shared_rest = shared_rest
         self.constraints = constraints
         self.check = nan_policy != "ignore"
         self.has_aux = has_aux
@@ -383,6 +384,7 @@ class _Engine:
     def call_loss(self, d, s_arr, x_arr, shared):
         p = eqx.combine(d, s_arr, self.static_rest)
         x = eqx.combine(x_arr, self.data_rest)
+        shared = eqx.combine(shared, self.shared_rest) if self.uses_shared else None
         if self.uses_shared:
             out = self.loss_fn(p, x, shared) if self.uses_data else self.loss_fn(p, shared)
         else:
@@ -718,6 +720,7 @@ def fit_batched(
     if not jax.tree_util.tree_leaves(diff):
         raise ValueError("fit_batched: params has no floating-point array leaves to optimise")
     data_arr, data_rest = eqx.partition(data, eqx.is_array)
+    shared_arr, shared_rest = eqx.partition(shared, eqx.is_array)
     bs = NamedSharding(mesh, P(axis))
     rep = NamedSharding(mesh, P())
 
@@ -729,6 +732,7 @@ def fit_batched(
     else:
         eng = _Engine(
             loss_fn, optimizer, mesh=mesh, axis_name=axis, static_rest=static_rest, data_rest=data_rest,
+            shared_rest=shared_rest,
             uses_data=data is not None, uses_shared=shared is not None, constraints=constraints,
             nan_policy=nan_policy, has_aux=has_aux, track_best=track_best, filter_spec=filter_spec,
             chunk_len=chunk_len, method=method,
@@ -738,13 +742,13 @@ def fit_batched(
     one = lambda t: jax.tree_util.tree_map(  # noqa: E731
         lambda x: jax.ShapeDtypeStruct(x.shape[1:], x.dtype) if eqx.is_array(x) else x, t
     )
-    loss_dtype, aux_shape = eng.validate(one(diff), one(static_arr), one(data_arr), shared)
+    loss_dtype, aux_shape = eng.validate(one(diff), one(static_arr), one(data_arr), shared_arr)
 
     # ---------------- state ----------------
     diff = _put(_fit._strong(diff), bs)
     static_arr = _put(static_arr, bs)
     data_arr = _put(data_arr, bs)
-    shared_arr = _put(shared, rep) if shared is not None else None
+    shared_arr = _put(shared_arr, rep)
     valid = _put(jnp.arange(n_pad) < n_real, bs)
     ckpt_path = os.fspath(checkpoint.path) if checkpoint is not None else None
     start = 0

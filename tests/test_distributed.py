@@ -74,14 +74,21 @@ def test_pad_batch_repeats_last_example():
         pad_batch({"a": np.zeros(3), "b": np.zeros(4)}, 2)
 
 
-def test_per_example_equals_independent_fits():
+@pytest.fixture(scope="module")
+def ref():
+    """30 steps of 16 examples on one device."""
+    params, data = problem(16)
+    return fit_batched(loss_fn, params, data, OPT, 30, devices=1, steps_per_call=10)
+
+
+def test_per_example_equals_independent_fits(ref):
     """Each example of fit_batched equals jaxrender.fit.fit on that example alone."""
-    B, steps = 3, 23
-    params, data = problem(B)
-    r = fit_batched(loss_fn, params, data, OPT, steps, devices=1, steps_per_call=10)
+    steps = 30
+    params, data = problem(3)
+    r = ref
     assert isinstance(r, BatchedFitResult)
-    assert r.history["loss"].shape == (steps, B) and r.steps_run == steps and r.stopped_reason == "completed"
-    for i in range(B):
+    assert r.history["loss"].shape == (steps, 16) and r.steps_run == steps and r.stopped_reason == "completed"
+    for i in range(3):
         ri = fit(loss_fn, one(params, i), one(data, i), OPT, steps, progress=False, steps_per_call=10)
         np.testing.assert_allclose(np.asarray(r.params["x"][i]), np.asarray(ri.params["x"]), atol=1e-5)
         np.testing.assert_allclose(r.history["loss"][:, i], ri.history["loss"], rtol=1e-5, atol=1e-6)
@@ -139,19 +146,29 @@ def test_checkpoint_format_and_load(tmp_path):
         load_batched_checkpoint(single, params)
 
 
-def test_fit_dataset_single_device_and_iterable():
+def test_fit_dataset_single_device_and_iterable(ref):
     params, data = problem(7)
-    host = jax.tree_util.tree_map(np.asarray, data)
-    init = {"x": jnp.zeros(3), "s": jnp.ones(())}
-    whole = fit_batched(loss_fn, jax.tree_util.tree_map(lambda x: jnp.broadcast_to(x, (7,) + x.shape), init),
-                        data, OPT, 15, devices=1)
+    host = {"t": np.asarray(data["t"]), "x0": np.asarray(params["x"])}
+
+    def init(batch):
+        return {"x": batch["x0"], "s": jnp.ones(batch["x0"].shape[:1])}
+
+    def loss2(p, d):
+        return loss_fn(p, {"t": d["t"]})
+
     seen = []
-    r = fit_dataset(loss_fn, init, host, OPT, 15, batch_size=3, devices=1, on_group=lambda g, res: seen.append(g))
-    assert seen == [0, 1, 2] and r.history["loss"].shape == (15, 7) and r.params["x"].shape == (7, 3)
-    np.testing.assert_allclose(r.params["x"], np.asarray(whole.params["x"]), atol=1e-5)
-    batches = [jax.tree_util.tree_map(lambda x: x[i:i + 2], host) for i in range(0, 7, 2)]
-    r2 = fit_dataset(loss_fn, init, iter(batches), OPT, 15, batch_size=2, devices=1)
-    np.testing.assert_allclose(r2.params["x"], np.asarray(whole.params["x"]), atol=1e-5)
+    r = fit_dataset(loss2, init, host, OPT, 30, batch_size=3, devices=1, steps_per_call=10,
+                    on_group=lambda g, res: seen.append(g))
+    assert seen == [0, 1, 2] and r.history["loss"].shape == (30, 7) and r.params["x"].shape == (7, 3)
+    assert isinstance(r.params["x"], np.ndarray) and r.num_padded == 3
+    np.testing.assert_allclose(r.params["x"], np.asarray(ref.params["x"][:7]), atol=1e-5)
+    np.testing.assert_allclose(r.history["loss"], ref.history["loss"][:, :7], rtol=1e-5, atol=1e-6)
+    # an iterable of batches; a per-example init broadcast to the batch
+    batches = [{"t": host["t"][i:i + 3]} for i in range(0, 7, 3)]
+    r2 = fit_dataset(loss_fn, {"x": jnp.zeros(3), "s": jnp.ones(())}, iter(batches), OPT, 5, batch_size=3, devices=1)
+    assert r2.params["x"].shape == (7, 3) and r2.history["loss"].shape == (5, 7)
+    with pytest.raises(ValueError, match="expected 1..2"):
+        fit_dataset(loss_fn, {"x": jnp.zeros(3), "s": jnp.ones(())}, iter(batches), OPT, 5, batch_size=2, devices=1)
 
 
 # ----------------------------------------------------------------------------
@@ -305,3 +322,15 @@ def test_prefetch_rejects_unpadded_when_asked():
     assert items[0][1] == 3
     with pytest.raises(ValueError, match="size must be"):
         list(prefetch_to_mesh(iter([]), mesh, size=0))
+
+
+def test_shared_pytree_with_python_scalars():
+    params, data = problem(2)
+    shared = {"w": 2.0, "c": jnp.asarray([1.0, 0.0, 0.0]), "name": "x"}
+
+    def lf(p, d, sh):
+        return sh["w"] * loss_fn(p, {"t": d["t"] + sh["c"]})
+
+    r = fit_batched(lf, params, data, OPT, 4, devices=1, shared=shared)
+    r0 = fit(lambda p, d: lf(p, d, shared), one(params, 1), one(data, 1), OPT, 4, progress=False)
+    np.testing.assert_allclose(np.asarray(r.params["x"][1]), np.asarray(r0.params["x"]), atol=1e-6)
