@@ -358,11 +358,5 @@ def test_render_grad_matches_finite_differences(x64, rng, mode, chunk_size):
         out = V.render_volume(grid, camera, n_samples=12, near=1.0, far=3.0, mode=mode, key=key, chunk_size=chunk_size)
         return jnp.sum(out["rgb"] * wts) + jnp.sum(out["opacity"] * wop) + 0.1 * jnp.sum(out["depth"])
 
+    # (the float64 finite differences only agree if the whole render runs in float64)
     check_grad(loss, np.concatenate([dens0.ravel(), feats0.ravel()]), rtol=1e-5)
-
-
-def test_float64_end_to_end(x64, rng):
-    grid = random_grid(rng, dtype=np.float64)
-    camera = cam.look_at(jnp.array([0.3, -0.2, 2.7], jnp.float64), width=8, height=6)
-    out = V.render_volume(grid, camera, n_samples=16)
-    assert out["rgb"].dtype == jnp.float64 and out["opacity"].dtype == jnp.float64
