@@ -34,7 +34,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import jaxrender as jr  # noqa: E402
 from jaxrender.blend import BlendParams, sigmoid_alpha_blend  # noqa: E402
 from jaxrender.lighting import AmbientLight, PointLight  # noqa: E402
-from jaxrender.render import rasterize_mesh  # noqa: E402
+from jaxrender.raster import select_faces  # noqa: E402
+from jaxrender.render import render_bands  # noqa: E402
 
 SCENES = {
     "small_256_b1": (36, 36, 256, 1),
@@ -88,11 +89,10 @@ def workload(kind, size, capacity, bin_size, backend=None):
         if kind == "hard_k1":
             img, fr = jr.render_mesh(mesh, cam, lights, s, shading="unlit", hard=True, return_fragments=True)
             return img, fr.num_overflow, fr.max_bin_count
-        fr = rasterize_mesh(mesh, cam, s)
         if kind.startswith("select_k"):  # the selection pass alone (no shading, no blending)
-            img = (fr.face_idx >= 0).astype(v.dtype)[..., :1]
-        else:
-            img = sigmoid_alpha_blend(fr, SIGMA)[..., None]
+            fr = select_faces(jr.project(cam, v), faces, s, znear=cam.znear, zfar=cam.zfar)
+            return (fr[0] >= 0).astype(v.dtype)[..., :1], fr[1], fr[2]
+        img, fr = render_bands(mesh, cam, s, lambda f, _: sigmoid_alpha_blend(f, SIGMA)[..., None])
         return img, fr.num_overflow, fr.max_bin_count
 
     return s, render_one
@@ -119,10 +119,10 @@ def time_fn(fn, args, repeats):
         t0 = time.perf_counter()
         jax.block_until_ready(fn(*args))
         times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times), compile_s, out
+    return (statistics.median(times) if times else float("nan")), compile_s, out
 
 
-def run(scene_name, kind, repeats, capacity, bin_size, backend=None):
+def run(scene_name, kind, repeats, capacity, bin_size, backend=None, fwd_bwd_only=False):
     verts, colors, faces, cam, size = scene(scene_name)
     s, render_one = workload(kind, size, capacity, bin_size, backend)
     w = jnp.asarray(np.random.default_rng(1).normal(size=(verts.shape[0], size, size, 4 if kind in ("soft_rgb_k10", "hard_k1") else 1)),
@@ -137,8 +137,13 @@ def run(scene_name, kind, repeats, capacity, bin_size, backend=None):
 
     fwd = jax.jit(forward)
     fwd_bwd = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))
-    f_ms, f_compile, (img, overflow, maxcount) = time_fn(fwd, (verts, colors), repeats)
-    b_ms, b_compile, _ = time_fn(fwd_bwd, (verts, colors), repeats)
+    if fwd_bwd_only:  # memory runs: one forward + backward, nothing else held
+        b_ms, b_compile, _ = time_fn(fwd_bwd, (verts, colors), repeats)
+        f_ms = f_compile = float("nan")
+        img, overflow, maxcount = jnp.zeros((1, 1, 1, 1)), jnp.zeros(()), jnp.zeros(())
+    else:
+        f_ms, f_compile, (img, overflow, maxcount) = time_fn(fwd, (verts, colors), repeats)
+        b_ms, b_compile, _ = time_fn(fwd_bwd, (verts, colors), repeats)
     peak, peak_kind = peak_memory_bytes()
     return {
         "scene": scene_name, "workload": kind, "backend": backend or "auto",
@@ -159,6 +164,7 @@ def main(argv=None):
     p.add_argument("--capacity", type=int, default=None, help="max_faces_per_bin (default: library default)")
     p.add_argument("--bin-size", type=int, default=None)
     p.add_argument("--out", default=None, help="write JSON results here")
+    p.add_argument("--fwd-bwd-only", action="store_true", help="time only forward+backward (memory runs)")
     p.add_argument("--backend", default=None, choices=["xla", "pallas", "auto"], help="selection-pass backend")
     a = p.parse_args(argv)
     if a.scenes == "small":
@@ -176,7 +182,7 @@ def main(argv=None):
     rows = []
     for sc in scenes:
         for wl in a.workloads.split(","):
-            r = run(sc, wl, a.repeats, a.capacity, a.bin_size, a.backend)
+            r = run(sc, wl, a.repeats, a.capacity, a.bin_size, a.backend, a.fwd_bwd_only)
             r.update(meta)
             rows.append(r)
             print(f"| {sc} | {wl} | {r['backend']} | {r['fwd_ms']:.2f} | {r['fwd_bwd_ms']:.2f} | {r['peak_bytes'] / 2**20:.0f} MiB "

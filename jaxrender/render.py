@@ -17,7 +17,7 @@ from . import camera as camera_lib
 from .blend import BlendParams, depth_blend, hard_rgb_blend, sigmoid_alpha_blend, softmax_rgb_blend
 from .lighting import AmbientLight, Material, PointLight, phong_shading, sh_shading
 from .mesh import Mesh, face_normals, vertex_normals
-from .raster import Fragments, RasterSettings, interpolate, interpolate_face_attrs, rasterize
+from .raster import Fragments, RasterSettings, interpolate, interpolate_face_attrs, rasterize, recompute_fragments, select_faces
 from .texture import sample_texture
 
 Array = jax.Array
@@ -46,6 +46,46 @@ def rasterize_mesh(mesh: Mesh, camera: camera_lib.Camera, settings: RasterSettin
     _check_size(camera, settings)
     sv = camera_lib.project(camera, mesh.vertices)
     return rasterize(sv, mesh.faces, settings, znear=camera.znear, zfar=camera.zfar, vertex_attrs=vertex_attrs)
+
+
+def render_bands(mesh: Mesh, camera: camera_lib.Camera, settings: RasterSettings, pixel_fn, vertex_attrs=None):
+    """Select faces once, then run ``pixel_fn`` over bands of image rows.
+
+    ``pixel_fn(fragments, attrs)`` maps the :class:`Fragments` of a band of
+    rows (and the interpolated ``vertex_attrs`` of those fragments, or
+    ``None``) to a per-pixel result ``(rows, W, ...)``. Each band is
+    rematerialized in the backward pass (``jax.checkpoint``), so forward +
+    backward memory is bounded by one band (``settings.max_fragments_per_band``)
+    plus the ``(H, W, K)`` face indices. This is how every ``render_*``
+    function runs; use it to build your own per-pixel renders.
+
+    Returns:
+      ``(result (H, W, ...), stats)`` where ``stats`` is a :class:`Fragments`
+      holding the face indices and the overflow statistics (its ``bary``,
+      ``depth`` and ``dist`` are ``None``).
+    """
+    _check_size(camera, settings)
+    sv = camera_lib.project(camera, mesh.vertices)
+    face_idx, overflow, max_count, culled = select_faces(
+        sv, mesh.faces, settings, znear=camera.znear, zfar=camera.zfar)
+    faces = mesh.faces.astype(jnp.int32)
+
+    def band(fidx, row0):
+        bary, depth, dist, attrs = recompute_fragments(sv, faces, fidx, settings, vertex_attrs, row_offset=row0)
+        fr = Fragments(fidx, bary, depth, dist, overflow, max_count, culled)
+        return pixel_fn(fr, attrs)
+
+    h, w, k = face_idx.shape
+    rows = settings.rows_per_band()
+    if rows >= h or faces.shape[0] == 0:
+        out = band(face_idx, 0)
+    else:
+        nb = -(-h // rows)
+        fpad = jnp.pad(face_idx, ((0, nb * rows - h), (0, 0), (0, 0)), constant_values=-1)
+        offsets = (jnp.arange(nb) * rows).astype(sv.dtype)
+        out = jax.lax.map(jax.checkpoint(lambda a: band(a[0], a[1])), (fpad.reshape(nb, rows, w, k), offsets))
+        out = out.reshape((nb * rows,) + out.shape[2:])[:h]
+    return out, Fragments(face_idx, None, None, None, overflow, max_count, culled)
 
 
 def _vertex_attributes(mesh: Mesh, camera, lights, shading, material):
@@ -163,8 +203,9 @@ def render_mesh(mesh: Mesh, camera: camera_lib.Camera, lights=None, settings: Un
         blend; ``None`` means PyTorch3D's defaults (1e-4, 1e-4, white).
       hard: use the nearest fragment's colour (:func:`hard_rgb_blend`)
         instead of the softmax blend.
-      return_fragments: also return the :class:`Fragments` (e.g. to check
-        ``num_overflow``).
+      return_fragments: also return a :class:`Fragments` with the face
+        indices and overflow statistics (e.g. to check ``num_overflow``);
+        its ``bary``, ``depth`` and ``dist`` are ``None``.
 
     Returns:
       ``(H, W, C + 1)`` colour and alpha (and the fragments if asked). The
@@ -175,17 +216,16 @@ def render_mesh(mesh: Mesh, camera: camera_lib.Camera, lights=None, settings: Un
     settings = RasterSettings(image_size=(camera.height, camera.width)) if settings is None else settings
     blend = BlendParams() if blend is None else blend
     attrs, names = _vertex_attributes(mesh, camera, lights, shading, material)
-    if attrs is None:
-        fr, interp = rasterize_mesh(mesh, camera, settings), {}
-    else:
-        fr, packed = rasterize_mesh(mesh, camera, settings, vertex_attrs=attrs)
-        interp = _split(packed, names)
-    colors = _shade(mesh, fr, interp, camera, lights, shading, material, sh_layout, sh_offset)
-    if hard:
-        img = hard_rgb_blend(colors, fr, blend.background)
-    else:
-        img = softmax_rgb_blend(colors, fr, blend, camera.znear, camera.zfar)
-    return (img, fr) if return_fragments else img
+
+    def pixels(fr, packed):
+        interp = {} if packed is None else _split(packed, names)
+        colors = _shade(mesh, fr, interp, camera, lights, shading, material, sh_layout, sh_offset)
+        if hard:
+            return hard_rgb_blend(colors, fr, blend.background)
+        return softmax_rgb_blend(colors, fr, blend, camera.znear, camera.zfar)
+
+    img, stats = render_bands(mesh, camera, settings, pixels, attrs)
+    return (img, stats) if return_fragments else img
 
 
 def render_silhouette(mesh: Mesh, camera: camera_lib.Camera, settings: Union[RasterSettings, None] = None,
@@ -195,7 +235,7 @@ def render_silhouette(mesh: Mesh, camera: camera_lib.Camera, settings: Union[Ras
     With ``blur_radius = 0`` and ``K = 1`` this is the hard mask.
     """
     settings = RasterSettings(image_size=(camera.height, camera.width)) if settings is None else settings
-    return sigmoid_alpha_blend(rasterize_mesh(mesh, camera, settings), sigma)
+    return render_bands(mesh, camera, settings, lambda fr, _: sigmoid_alpha_blend(fr, sigma))[0]
 
 
 def render_depth(mesh: Mesh, camera: camera_lib.Camera, settings: Union[RasterSettings, None] = None,
@@ -203,8 +243,8 @@ def render_depth(mesh: Mesh, camera: camera_lib.Camera, settings: Union[RasterSe
     """Depth image ``(H, W)``: view depth of the nearest face (``background`` elsewhere), or with
     ``blend`` the softmax-blended depth (differentiable at silhouettes)."""
     settings = RasterSettings(image_size=(camera.height, camera.width)) if settings is None else settings
-    fr = rasterize_mesh(mesh, camera, settings)
-    return depth_blend(fr, background, blend, camera.znear, camera.zfar)
+    return render_bands(mesh, camera, settings,
+                        lambda fr, _: depth_blend(fr, background, blend, camera.znear, camera.zfar))[0]
 
 
 def render_normals(mesh: Mesh, camera: camera_lib.Camera, settings: Union[RasterSettings, None] = None,
@@ -220,11 +260,14 @@ def render_normals(mesh: Mesh, camera: camera_lib.Camera, settings: Union[Raster
     if space not in ("world", "camera"):
         raise ValueError(f"space must be 'world' or 'camera', got {space!r}")
     settings = RasterSettings(image_size=(camera.height, camera.width)) if settings is None else settings
-    fr, n = rasterize_mesh(mesh, camera, settings, vertex_attrs=vertex_normals(mesh.vertices, mesh.faces))
-    n = n[:, :, 0]
-    if space == "camera":
-        n = n @ camera.R.T
-    n = n / jnp.maximum(jnp.linalg.norm(n, axis=-1, keepdims=True), 1e-12)
-    hit = fr.face_idx[..., 0] >= 0
-    n = jnp.where(hit[..., None], n, 0.0)
-    return jnp.concatenate([n, hit[..., None].astype(n.dtype)], axis=-1)
+
+    def pixels(fr, n):
+        n = n[:, :, 0]
+        if space == "camera":
+            n = n @ camera.R.T
+        n = n / jnp.maximum(jnp.linalg.norm(n, axis=-1, keepdims=True), 1e-12)
+        hit = fr.face_idx[..., 0] >= 0
+        n = jnp.where(hit[..., None], n, 0.0)
+        return jnp.concatenate([n, hit[..., None].astype(n.dtype)], axis=-1)
+
+    return render_bands(mesh, camera, settings, pixels, vertex_normals(mesh.vertices, mesh.faces))[0]

@@ -91,8 +91,12 @@ def _kernel(starts_ref, counts_ref, faces_ref, x0_ref, y0_ref, z0_ref, x1_ref, y
     best_key = jnp.where(iota_k < k, jnp.inf, -jnp.inf) + jnp.zeros((npix, 1), jnp.float32)
     best_face = jnp.full((npix, kp), -1, jnp.int32)
 
+    def worst(best_key, best_face):
+        wk = jnp.max(best_key, axis=1)
+        wf = jnp.max(jnp.where(best_key == wk[:, None], best_face, -1), axis=1)
+        return wk, wf
+
     def block_body(j, carry):
-        best_key, best_face = carry
         pos = j * block + jnp.arange(block, dtype=jnp.int32)
         has = pos < count
         fid = faces_ref[pl.ds(start + j * block, block)]
@@ -103,21 +107,29 @@ def _kernel(starts_ref, counts_ref, faces_ref, x0_ref, y0_ref, z0_ref, x1_ref, y
         key = jnp.where(reach, depth, jnp.inf)  # (P, B)
 
         def col(i, carry):
-            best_key, best_face = carry
             sel = iota_b == i
             kc = jnp.min(jnp.where(sel, key, jnp.inf), axis=1)
-            fc = jnp.max(jnp.where(sel, fid[None, :], -1), axis=1)
-            wk = jnp.max(best_key, axis=1)
-            is_w = best_key == wk[:, None]
-            wf = jnp.max(jnp.where(is_w, best_face, -1), axis=1)
-            slot = jnp.min(jnp.where(is_w & (best_face == wf[:, None]), iota_k, kp), axis=1)
-            repl = (kc < wk)[:, None] & (iota_k == slot[:, None])
-            return jnp.where(repl, kc[:, None], best_key), jnp.where(repl, fc[:, None], best_face)
 
-        return jax.lax.fori_loop(0, block, col, (best_key, best_face))
+            def update(carry):
+                best_key, best_face, wk, wf = carry
+                fc = jnp.max(jnp.where(sel, fid[None, :], -1), axis=1)
+                slot = jnp.min(jnp.where((best_key == wk[:, None]) & (best_face == wf[:, None]), iota_k, kp), axis=1)
+                repl = (kc < wk)[:, None] & (iota_k == slot[:, None])
+                best_key = jnp.where(repl, kc[:, None], best_key)
+                best_face = jnp.where(repl, fc[:, None], best_face)
+                return (best_key, best_face) + worst(best_key, best_face)
+
+            # Most candidates improve no pixel: skip the slot bookkeeping then.
+            return jax.lax.cond(jnp.any(kc < carry[2]), update, lambda c: c, carry)
+
+        def scan_block(carry):
+            return jax.lax.fori_loop(0, block, col, carry)
+
+        return jax.lax.cond(jnp.any(key < carry[2][:, None]), scan_block, lambda c: c, carry)
 
     n_blocks = (count + block - 1) // block
-    best_key, best_face = jax.lax.fori_loop(0, n_blocks, block_body, (best_key, best_face))
+    carry = (best_key, best_face) + worst(best_key, best_face)
+    best_key, best_face, _, _ = jax.lax.fori_loop(0, n_blocks, block_body, carry)
     out_face_ref[...] = best_face[None]
     out_key_ref[...] = best_key[None]
 

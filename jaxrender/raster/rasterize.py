@@ -346,7 +346,7 @@ def rasterize(screen_verts, faces, settings: RasterSettings, *, znear=1e-3, zfar
     return fr if vertex_attrs is None else (fr, attrs)
 
 
-def recompute_fragments(screen_verts, faces, face_idx, settings: RasterSettings, vertex_attrs=None):
+def recompute_fragments(screen_verts, faces, face_idx, settings: RasterSettings, vertex_attrs=None, row_offset=0):
     """The differentiable pass: geometry (and attributes) of the kept fragments.
 
     Screen positions and attributes are packed per face corner and gathered
@@ -359,13 +359,15 @@ def recompute_fragments(screen_verts, faces, face_idx, settings: RasterSettings,
       face_idx: ``(H, W, K)`` int32 kept faces (``-1`` for none).
       settings: the :class:`RasterSettings` used to select them.
       vertex_attrs: optional ``(V, C)`` attributes to interpolate.
+      row_offset: image row of ``face_idx[0]`` when ``face_idx`` holds a
+        band of rows (the render functions process the image in bands).
 
     Returns:
       ``(bary (H, W, K, 3), depth (H, W, K), dist (H, W, K), attrs)`` with -1
       fills where ``face_idx`` is -1, and ``attrs`` ``(H, W, K, C)`` (zero
       where empty) or ``None``.
     """
-    h, w = settings.image_size
+    h, w = face_idx.shape[:2]
     mask = face_idx >= 0
     dtype = screen_verts.dtype
     packed = screen_verts if vertex_attrs is None else jnp.concatenate(
@@ -373,7 +375,7 @@ def recompute_fragments(screen_verts, faces, face_idx, settings: RasterSettings,
     corners = packed[faces]  # (F, 3, 3 + C)
     frag = corners.reshape(faces.shape[0], 3 * packed.shape[-1])[jnp.maximum(face_idx, 0)]  # (H, W, K, 3 * (3 + C))
     frag = frag.reshape(face_idx.shape + (3, packed.shape[-1]))
-    py = (jnp.arange(h, dtype=dtype) + 0.5)[:, None, None]
+    py = (jnp.arange(h, dtype=dtype) + 0.5 + row_offset)[:, None, None]
     px = (jnp.arange(w, dtype=dtype) + 0.5)[None, :, None]
     bary, depth, dist, _ = fragment_geometry(
         frag[..., :3], px, py,

@@ -47,6 +47,11 @@ class RasterSettings(eqx.Module):
         XLA in both.
       pallas_block, pallas_num_warps: the GPU kernel's candidates per step
         and Triton warps per program.
+      max_fragments_per_band: the ``render_*`` functions shade and blend
+        the image in bands of rows holding at most this many fragments
+        (``rows * W * K``), each rematerialized in the backward pass, so the
+        memory of forward + backward is bounded by one band instead of the
+        whole ``(H, W, K)`` fragment set. ``None``: ``2**18``; ``0``: one band.
       pallas_interpret: run the Pallas kernel in interpret mode (any
         backend; slow; for testing the kernel on the CPU).
       max_tile_pairs: static budget of (face, tile) pairs the binning may
@@ -88,6 +93,7 @@ class RasterSettings(eqx.Module):
     pallas_block: int = eqx.field(static=True, default=32)
     pallas_num_warps: int = eqx.field(static=True, default=4)
     pallas_interpret: bool = eqx.field(static=True, default=False)
+    max_fragments_per_band: Union[int, None] = eqx.field(static=True, default=None)
 
     def __check_init__(self):
         h, w = self.image_size
@@ -144,6 +150,13 @@ class RasterSettings(eqx.Module):
         if self.bin_chunk is not None:
             return int(self.bin_chunk)
         return max(1, (1 << 21) // (pixels_per_tile * block))
+
+    def rows_per_band(self) -> int:
+        h, w = self.image_size
+        budget = (1 << 18) if self.max_fragments_per_band is None else int(self.max_fragments_per_band)
+        if budget <= 0:
+            return h
+        return max(1, min(h, budget // (w * self.faces_per_pixel)))
 
     @property
     def resolved_clip_barycentrics(self) -> bool:
