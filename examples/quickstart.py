@@ -10,8 +10,7 @@ What it shows, in a few lines each:
 2. The mean face of the built-in synthetic morphable model
    (:func:`jaxrender.data.synthetic_face.synthetic_face_model`, no download),
    lit by 27 spherical-harmonics coefficients as in face-reconstruction work.
-3. Its normal map and the teapot's soft silhouette: the differentiable
-   renders used for fitting.
+3. The face's normal map and the teapot's depth map.
 
 Every ``render_*`` call is a pure function of arrays, so the same calls work
 under ``jax.jit``, ``jax.vmap`` (many cameras or meshes at once) and
@@ -20,7 +19,6 @@ under ``jax.jit``, ``jax.vmap`` (many cameras or meshes at once) and
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import time
 
@@ -43,12 +41,9 @@ def render_teapot(size):
                      width=size, height=size)
     lights = (jr.AmbientLight(0.35), jr.PointLight(position=(-1.5, 3.0, 3.5), color=0.7, specular_color=0.35))
     shaded = jax.jit(lambda m, c: jr.render_mesh(m, c, lights, shading="phong", hard=True))(teapot, cam)
-    # The soft silhouette (SoftRas / PyTorch3D): faces reach beyond their edges by the blur
-    # radius and fade with a sigmoid of width sigma; this is what carries silhouette gradients.
-    sigma = 2e-4
-    soft = jr.RasterSettings(image_size=size, faces_per_pixel=8, blur_radius=math.log(1e4) * sigma)
-    silhouette = jax.jit(lambda m, c: jr.render_silhouette(m, c, soft, sigma=sigma))(teapot, cam)
-    return shaded, silhouette
+    # View depth (camera z) of the nearest face, 0 where empty.
+    depth = jax.jit(lambda m, c: jr.render_depth(m, c))(teapot, cam)
+    return shaded, depth
 
 
 def render_face(size):
@@ -70,6 +65,14 @@ def on_white(rgba):
     return np.clip(a * rgba[..., :3] + (1.0 - a), 0.0, 1.0)
 
 
+def depth_to_gray(depth):
+    """Near = dark, far = light, background white."""
+    d = np.asarray(depth)
+    hit = d > 0
+    lo, hi = d[hit].min(), d[hit].max()
+    return np.where(hit, 0.15 + 0.7 * (d - lo) / max(hi - lo, 1e-6), 1.0)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description="Render a teapot and a face to PNG.")
     p.add_argument("--out", default="out/quickstart", help="output folder")
@@ -78,19 +81,19 @@ def main(argv=None):
     os.makedirs(args.out, exist_ok=True)
     t0 = time.time()
 
-    teapot, silhouette = render_teapot(args.size)
+    teapot, depth = render_teapot(args.size)
     face, normals = render_face(args.size)
 
     normal_rgb = on_white(jnp.concatenate([0.5 * normals[..., :3] + 0.5, normals[..., 3:]], -1))
     images = {
         "teapot.png": on_white(teapot),
-        "teapot_silhouette.png": 1.0 - np.asarray(silhouette),
+        "teapot_depth.png": depth_to_gray(depth),
         "face.png": on_white(face),
         "face_normals.png": normal_rgb,
     }
     images["quickstart.png"] = np.concatenate(
         [images["teapot.png"], images["face.png"], images["face_normals.png"],
-         np.repeat(images["teapot_silhouette.png"][..., None], 3, axis=-1)], axis=1)
+         np.repeat(images["teapot_depth.png"][..., None], 3, axis=-1)], axis=1)
     paths = []
     for name, img in images.items():
         path = os.path.join(args.out, name)
