@@ -13,16 +13,18 @@ axis sharded over the first ``n`` devices (``jax.devices()[:n]`` sub-meshes,
 all in one process).
 
 Weak scaling: each device holds ``--faces-per-device`` faces, so the global
-batch is ``n * faces_per_device``. Timed: the steady-state compiled chunks
+batch is ``n * faces_per_device`` (several values: one block of rows each;
+the efficiency is relative to 1 device at the same faces per device). Timed: the steady-state compiled chunks
 (``--steps-per-call`` steps per call, the first chunk, which compiles, is
 timed separately). Throughput = faces fitted per second at ``--steps`` steps
 per face = ``batch / (steps * time_per_step)``; scaling efficiency =
-``throughput(n) / (n * throughput(1))``.
+``throughput(n) / (n * throughput(1))``. Peak memory: the allocator's peak
+bytes in use per device so far (GPU only; cumulative over the rows).
 
 Usage::
 
     # GPU (one host with 4 GPUs measures 1, 2 and 4):
-    python benchmarks/sharded_fit.py --devices 1,2,4 --out results/sharded_fit_gpu.json
+    python benchmarks/sharded_fit.py --devices 1,2,4 --faces-per-device 8,32 --out results/sharded_fit_gpu.json
     # CPU smoke run on 8 fake devices (sets XLA_FLAGS itself before importing JAX):
     python benchmarks/sharded_fit.py --small --devices 1,2,4 --out /tmp/sharded_fit_cpu.json
 
@@ -58,7 +60,7 @@ from jaxrender.raster import RasterSettings  # noqa: E402
 def parse(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--devices", default="1,2,4", help="comma-separated device counts (sub-meshes of jax.devices())")
-    p.add_argument("--faces-per-device", type=int, default=8)
+    p.add_argument("--faces-per-device", default="8", help="comma-separated; one table block per value")
     p.add_argument("--image-size", type=int, default=256)
     p.add_argument("--resolution", type=int, default=96, help="synthetic face resolution (96: ~19k vertices)")
     p.add_argument("--steps", type=int, default=200, help="steps per face the throughput refers to")
@@ -69,9 +71,12 @@ def parse(argv=None):
     p.add_argument("--out", default=None, help="JSON output path")
     a = p.parse_args(argv)
     if a.small:
-        a.image_size, a.resolution, a.faces_per_device = 32, 24, 2
+        a.image_size, a.resolution = 32, 24
+        if a.faces_per_device == "8":  # the default
+            a.faces_per_device = "2"
         a.steps_per_call, a.timed_calls, a.steps = 3, 2, 20
     a.devices = [int(x) for x in a.devices.split(",") if x]
+    a.faces_per_device = [int(x) for x in str(a.faces_per_device).split(",") if x]
     return a
 
 
@@ -116,7 +121,7 @@ def run(args):
     model = synthetic_face_model(resolution=args.resolution)
     camera = F.default_camera(model, args.image_size)
     settings = RasterSettings(image_size=(args.image_size, args.image_size), faces_per_pixel=1, blur_radius=0.0)
-    n_max = max(counts) * args.faces_per_device
+    n_max = max(counts) * max(args.faces_per_device)
     images, landmarks = make_targets(model, camera, n_max, settings)
     images, landmarks = np.asarray(images), np.asarray(landmarks)
     init_all = jax.jit(jax.vmap(lambda l: F.init_params(model, camera, l)))(jnp.asarray(landmarks))
@@ -132,8 +137,8 @@ def run(args):
         return face_fit_loss(p, d, sh, settings=settings, hard=True)
 
     rows = []
-    for n in counts:
-        B = n * args.faces_per_device
+    for fpd, n in [(f, n) for f in args.faces_per_device for n in counts]:
+        B = n * fpd
         params = jax.tree_util.tree_map(lambda x: x[:B], init_all)
         data = {"image": images[:B], "mask": np.ones(images.shape[:3], np.float32)[:B], "landmarks": landmarks[:B]}
         stamps = []
@@ -151,14 +156,15 @@ def run(args):
         step_s = (tb - ta) / (s1 - s0)
         fl = r.final_loss
         rows.append(dict(
-            devices=n, batch=B, faces_per_device=args.faces_per_device,
+            devices=n, batch=B, faces_per_device=fpd,
             step_ms=1e3 * step_s, faces_per_s=B / (args.steps * step_s),
             steps_per_s_per_face=1.0 / step_s, first_call_s=first_call_s, wall_s=wall,
             final_loss_mean=float(np.nanmean(fl)), finite=bool(np.isfinite(fl).all()),
+            peak_bytes_so_far=device_memory()[:n],
         ))
-    base = rows[0]["faces_per_s"] / rows[0]["devices"] if rows else float("nan")
     for row in rows:
-        row["scaling_efficiency"] = row["faces_per_s"] / (row["devices"] * base)
+        ref = [r for r in rows if r["faces_per_device"] == row["faces_per_device"]][0]
+        row["scaling_efficiency"] = row["faces_per_s"] / (row["devices"] * ref["faces_per_s"] / ref["devices"])
     return dict(
         benchmark="sharded_fit", rows=rows, skipped_device_counts=skipped,
         config=dict(image_size=args.image_size, resolution=args.resolution, vertices=int(model.num_vertices),
@@ -175,12 +181,14 @@ def table(res):
         f"Sharded face fitting ({res['device']} x{res['n_available']} available, {c['image_size']}² images, "
         f"{c['vertices']} vertices, {c['steps']} steps per face, method {c['method']})",
         "",
-        "| devices | batch | step (ms) | faces/s | scaling efficiency | first call (s) |",
-        "|---:|---:|---:|---:|---:|---:|",
+        "| faces/device | devices | batch | step (ms) | faces/s | scaling efficiency | first call (s) | peak GiB/device |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in res["rows"]:
-        lines.append(f"| {r['devices']} | {r['batch']} | {r['step_ms']:.1f} | {r['faces_per_s']:.2f} | "
-                     f"{100 * r['scaling_efficiency']:.0f}% | {r['first_call_s']:.1f} |")
+        pk = [b for b in r["peak_bytes_so_far"] if b]
+        pk = f"{max(pk) / 2**30:.2f}" if pk else "n/a"
+        lines.append(f"| {r['faces_per_device']} | {r['devices']} | {r['batch']} | {r['step_ms']:.1f} | "
+                     f"{r['faces_per_s']:.2f} | {100 * r['scaling_efficiency']:.0f}% | {r['first_call_s']:.1f} | {pk} |")
     if res["skipped_device_counts"]:
         lines.append(f"\n(skipped: {res['skipped_device_counts']} devices; only {res['n_available']} available)")
     return "\n".join(lines)

@@ -334,3 +334,29 @@ def test_shared_pytree_with_python_scalars():
     r = fit_batched(lf, params, data, OPT, 4, devices=1, shared=shared)
     r0 = fit(lambda p, d: lf(p, d, shared), one(params, 1), one(data, 1), OPT, 4, progress=False)
     np.testing.assert_allclose(np.asarray(r.params["x"][1]), np.asarray(r0.params["x"]), atol=1e-6)
+
+
+@pytest.mark.slow
+def test_fit_faces_sharded_matches_fit_faces_batched():
+    F = pytest.importorskip("jaxrender.morphable.fitting")
+    from jaxrender.data.synthetic_face import synthetic_face_model
+    from jaxrender.distributed import fit_faces_sharded
+
+    model = synthetic_face_model(resolution=16, n_id=4, n_exp=2, n_albedo=2)
+    cam = F.default_camera(model, 24)
+    base = F.init_params(model, cam, None)
+    settings = F.RasterSettings(image_size=(24, 24), faces_per_pixel=1, blur_radius=0.0)
+
+    def target(key):
+        p = dict(base, id=0.5 * jax.random.normal(key, base["id"].shape))
+        out = F.face_forward(model, p, cam)
+        return F.render_face(model, out, cam, settings)[..., :3], out["landmarks_2d"]
+
+    images, lms = jax.jit(jax.vmap(target))(jax.random.split(jax.random.PRNGKey(0), 2))
+    params, stages = fit_faces_sharded(model, np.asarray(images), np.asarray(lms), batch_mesh(1), camera=cam,
+                                       steps=(6, 3), steps_per_call=3)
+    assert set(stages) == {"landmark", "photo"} and stages["photo"].history["photo"].shape == (3, 2)
+    assert np.isfinite(stages["landmark"].history["landmark"]).all() and (stages["photo"].bad_step == -1).all()
+    ref = F.fit_faces_batched(model, images, lms, camera=cam, steps=(6, 3), steps_per_call=3)
+    for k in params:
+        np.testing.assert_allclose(np.asarray(params[k]), np.asarray(ref.params[k]), atol=2e-3, err_msg=k)
