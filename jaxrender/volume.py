@@ -304,15 +304,13 @@ def _pad_table(values):
 def _corner_and_frac(coords, sizes_xyz):
     """Lower corner (in the padded table) and fractions for continuous coords.
 
-    ``coords`` ``(N, 3)`` in (x, y, z) voxel units; returns int32 ``(N, 3)``
-    start indices in (z, y, x) table order and ``(N, 3)`` fractions (x, y, z).
-    Coordinates are clamped to the padded table, whose border is zero, so
-    points far outside read exactly 0 (with zero gradient). Points whose value
-    is identically zero (outside the open box ``(-1, size)`` on some axis) get
-    an out-of-range start index instead: the gather returns its fill value 0
-    for them and the backward scatter-add drops them, so they cost no atomic
-    additions into the border (on GPUs, where many such samples would
-    otherwise pile onto the same few border voxels).
+    ``coords`` ``(N, 3)`` in (x, y, z) voxel units. Returns int32 ``(N, 3)``
+    start indices in (z, y, x) table order, the same indices with an
+    out-of-range sentinel for points whose value is identically zero (outside
+    the open box ``(-1, size)`` on some axis; used by the backward pass), and
+    ``(N, 3)`` fractions (x, y, z). Coordinates are clamped to the padded
+    table, whose border is zero, so points far outside read exactly 0 with
+    zero gradient and never index out of range.
     """
     n = jnp.asarray(sizes_xyz, coords.dtype)
     p = jnp.clip(coords + 1, 0, n + 1)
@@ -322,26 +320,45 @@ def _corner_and_frac(coords, sizes_xyz):
     inside = jnp.all((coords > -1) & (coords < n), axis=-1)
     # z start = D + 2 puts the whole 2-voxel window past the end of the table.
     oob = jnp.asarray([int(sizes_xyz[2]) + 2, 0, 0], jnp.int32)
-    start = jnp.where(lax.stop_gradient(inside)[:, None], start, oob)
-    return start, frac
+    drop_start = jnp.where(lax.stop_gradient(inside)[:, None], start, oob)
+    return start, drop_start, frac
 
 
-def _gather_blocks(table, start):
+_GATHER_DNUMS = lax.GatherDimensionNumbers(offset_dims=(1, 2, 3, 4), collapsed_slice_dims=(), start_index_map=(0, 1, 2))
+_SCATTER_DNUMS = lax.ScatterDimensionNumbers(
+    update_window_dims=(1, 2, 3, 4), inserted_window_dims=(), scatter_dims_to_operand_dims=(0, 1, 2)
+)
+
+
+@jax.custom_vjp
+def _gather_blocks(table, start, drop_start):
     """Gather the 2×2×2 neighbourhood of each start index: ``(N, 2, 2, 2, C)``.
 
-    Windows that do not fit in the table read 0 (and their cotangents are
-    dropped by the transposed scatter-add).
+    Linear in ``table``; its transpose is a scatter-add at ``drop_start``,
+    whose out-of-range windows (samples where the field is identically zero)
+    are skipped: they would otherwise all add zeros-worth of gradient into
+    the discarded border, as atomics piling onto a few addresses on GPUs.
     """
+    del drop_start
     C = table.shape[-1]
-    dnums = lax.GatherDimensionNumbers(offset_dims=(1, 2, 3, 4), collapsed_slice_dims=(), start_index_map=(0, 1, 2))
     return lax.gather(
-        table,
-        start,
-        dnums,
-        slice_sizes=(2, 2, 2, C),
-        mode=lax.GatherScatterMode.FILL_OR_DROP,
-        fill_value=0,
+        table, start, _GATHER_DNUMS, slice_sizes=(2, 2, 2, C), mode=lax.GatherScatterMode.PROMISE_IN_BOUNDS
     )
+
+
+def _gather_blocks_fwd(table, start, drop_start):
+    # A zero-size array carries the table's shape and dtype into the backward pass.
+    return _gather_blocks(table, start, drop_start), (drop_start, jnp.zeros(table.shape[:-1] + (0,), table.dtype))
+
+
+def _gather_blocks_bwd(res, ct):
+    drop_start, proto = res
+    zeros = jnp.zeros(proto.shape[:-1] + ct.shape[-1:], proto.dtype)
+    g = lax.scatter_add(zeros, drop_start, ct.astype(proto.dtype), _SCATTER_DNUMS, mode=lax.GatherScatterMode.FILL_OR_DROP)
+    return g, None, None
+
+
+_gather_blocks.defvjp(_gather_blocks_fwd, _gather_blocks_bwd)
 
 
 def _interp_blocks(blocks, frac):
@@ -367,8 +384,8 @@ def _interp_blocks(blocks, frac):
 def _sample_padded(table, coords):
     """Sample a zero-padded ``(D+2, H+2, W+2, C)`` table at ``(N, 3)`` coords → ``(N, C)``."""
     sizes_xyz = (table.shape[2] - 2, table.shape[1] - 2, table.shape[0] - 2)
-    start, frac = _corner_and_frac(coords, sizes_xyz)
-    return _interp_blocks(_gather_blocks(table, start), frac)
+    start, drop_start, frac = _corner_and_frac(coords, sizes_xyz)
+    return _interp_blocks(_gather_blocks(table, start, drop_start), frac)
 
 
 def trilinear_sample(grid_values, coords):
