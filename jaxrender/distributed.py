@@ -195,8 +195,11 @@ def _put(tree, sharding):
     def put(x):
         if not eqx.is_array(x):
             return x
-        if isinstance(x, jax.Array) and x.sharding == sharding:
-            return x
+        if isinstance(x, jax.Array):
+            if x.sharding == sharding:
+                return x
+            if x.is_fully_addressable and not sharding.is_fully_addressable:  # pragma: no cover - multi-host
+                x = np.asarray(x)  # a local array: every process passes the same global value
         return jax.device_put(x, sharding)
 
     return jax.tree_util.tree_map(put, tree)
@@ -749,7 +752,7 @@ def fit_batched(
     static_arr = _put(static_arr, bs)
     data_arr = _put(data_arr, bs)
     shared_arr = _put(shared_arr, rep)
-    valid = _put(jnp.arange(n_pad) < n_real, bs)
+    valid = _put(np.arange(n_pad) < n_real, bs)
     ckpt_path = os.fspath(checkpoint.path) if checkpoint is not None else None
     start = 0
     hist_loss: list[np.ndarray] = []
@@ -781,13 +784,13 @@ def fit_batched(
         carry = {
             "diff": diff,
             "opt": eng.init_opt(diff),
-            "bad": _put(jnp.zeros((n_pad,), bool), bs),
-            "bad_step": _put(jnp.full((n_pad,), -1, jnp.int32), bs),
+            "bad": _put(np.zeros((n_pad,), bool), bs),
+            "bad_step": _put(np.full((n_pad,), -1, np.int32), bs),
         }
         if track_best:
             carry["best"] = diff
-            carry["best_loss"] = _put(jnp.full((n_pad,), jnp.inf, loss_dtype), bs)
-            carry["best_step"] = _put(jnp.full((n_pad,), -1, jnp.int32), bs)
+            carry["best_loss"] = _put(np.full((n_pad,), np.inf, np.dtype(loss_dtype)), bs)
+            carry["best_step"] = _put(np.full((n_pad,), -1, np.int32), bs)
 
     # ---------------- host helpers ----------------
     def unpad_full(d):
@@ -912,7 +915,7 @@ def fit_batched(
 
     if track_best:
         best_step = _to_host(carry["best_step"])[:n_real].astype(np.int64)
-        has = _put(jnp.asarray(pad_batch(np.asarray(best_step >= 0), n_dev)[0]), bs)
+        has = _put(pad_batch(np.asarray(best_step >= 0), n_dev)[0], bs)
         best_d = jax.tree_util.tree_map(
             lambda b, d: jnp.where(has.reshape((-1,) + (1,) * (b.ndim - 1)), b, d), carry["best"], carry["diff"]
         )

@@ -260,17 +260,44 @@ _SCRIPT = textwrap.dedent(
 )
 
 
-@pytest.fixture(scope="module")
-def multi():
+def _start_multi():
     env = dict(os.environ)
     env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
     env["JAX_PLATFORMS"] = "cpu"
     env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
-    p = subprocess.run([sys.executable, "-c", _SCRIPT], env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
-    if p.returncode != 0:
-        raise AssertionError(f"multi-device subprocess failed:\n{p.stdout[-3000:]}\n{p.stderr[-6000:]}")
-    line = [l for l in p.stdout.splitlines() if l.startswith("RESULT")][-1]
+    return subprocess.Popen([sys.executable, "-c", _SCRIPT], env=env, cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+# Started by the autouse fixture below when the module's first test runs, so the
+# subprocess works while the single-process tests run; `multi` waits for it.
+_MULTI = {"proc": None}
+
+
+@pytest.fixture(scope="module")
+def multi():
+    proc = _MULTI["proc"] or _start_multi()
+    try:
+        stdout, stderr = proc.communicate(timeout=600)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        raise
+    if proc.returncode != 0:
+        raise AssertionError(f"multi-device subprocess failed:\n{stdout[-3000:]}\n{stderr[-6000:]}")
+    line = [l for l in stdout.splitlines() if l.startswith("RESULT")][-1]
     return json.loads(line[len("RESULT"):])
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _multi_in_background(request):
+    """Start the multi-device subprocess at the start of the module when a test needs it."""
+    if any("multi" in getattr(item, "fixturenames", ()) for item in request.session.items):
+        _MULTI["proc"] = _start_multi()
+    yield
+    p = _MULTI["proc"]
+    if p is not None and p.poll() is None:
+        p.kill()
+        p.communicate()
 
 
 def test_multi_sharded_equals_single_device(multi):
