@@ -947,7 +947,7 @@ def fit_batched(
 
 def _iter_groups(dataset, batch_size):
     """Yield host batches of at most ``batch_size`` examples."""
-    if isinstance(dataset, (dict, tuple, list, np.ndarray, jax.Array)) or eqx.is_array(dataset):
+    if isinstance(dataset, (dict, tuple, np.ndarray, jax.Array, eqx.Module)):
         n = _batch_size(dataset, "dataset")
         if n is None:
             raise ValueError("fit_dataset: the dataset has no arrays")
@@ -1027,9 +1027,10 @@ def fit_dataset(
         init_params: the initial parameters of **one** example (broadcast to
             every example), or a callable ``init_params(batch) -> params`` that
             returns batched initial params for a (padded, on-mesh) data group.
-        dataset: a pytree of host arrays with a leading example axis ``N``
-            (sliced into groups), or an iterable of batches of at most
-            ``batch_size`` examples each (e.g. a data loader).
+        dataset: a pytree (a dict, tuple, array or ``equinox.Module``) of host
+            arrays with a leading example axis ``N``, sliced into groups; or any
+            other iterable (a list, a generator, a data loader) of batches of at
+            most ``batch_size`` examples each.
         optimizer, steps: as in :func:`fit_batched` (per group).
         batch_size: examples fitted at once (memory grows linearly with it).
         mesh, devices, batch_axis_name, shared: as in :func:`fit_batched`.

@@ -165,7 +165,7 @@ def test_fit_dataset_single_device_and_iterable(ref):
     np.testing.assert_allclose(r.history["loss"], ref.history["loss"][:, :7], rtol=1e-5, atol=1e-6)
     # an iterable of batches; a per-example init broadcast to the batch
     batches = [{"t": host["t"][i:i + 3]} for i in range(0, 7, 3)]
-    r2 = fit_dataset(loss_fn, {"x": jnp.zeros(3), "s": jnp.ones(())}, iter(batches), OPT, 5, batch_size=3, devices=1)
+    r2 = fit_dataset(loss_fn, {"x": jnp.zeros(3), "s": jnp.ones(())}, batches, OPT, 5, batch_size=3, devices=1)
     assert r2.params["x"].shape == (7, 3) and r2.history["loss"].shape == (5, 7)
     with pytest.raises(ValueError, match="expected 1..2"):
         fit_dataset(loss_fn, {"x": jnp.zeros(3), "s": jnp.ones(())}, iter(batches), OPT, 5, batch_size=2, devices=1)
