@@ -1,0 +1,76 @@
+"""Smoke tests of the fitting examples: each runs with ``--quick`` at a tiny size
+and a few steps in a subprocess; we check the exit status, the JSON metrics on
+the last line of stdout and the pictures it saved.
+
+The four scripts are started together (one module-level fixture) so their
+compilations overlap; each test then waits for its own process.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# name -> (extra arguments, JSON keys that must be finite numbers, files expected in --out)
+EXAMPLES = {
+    "fit_silhouette": (["--size", "32", "--steps", "10"], ["iou"],
+                       ["optimization.gif", "result.png", "keyframes.png"]),
+    "fit_texture": (["--size", "32", "--steps", "10"], ["psnr_heldout"],
+                    ["optimization.gif", "result.png", "keyframes.png"]),
+    "fit_camera_pose": (["--size", "24", "--steps", "10", "--starts", "2"],
+                        ["success_rate", "median_rot_err_deg"],
+                        ["reference.png", "starts.png", "finals.png", "optimization.gif", "keyframes.png"]),
+    "deform_sphere": (["--size", "32", "--steps", "10"], ["mean_iou", "chamfer_pct"],
+                      ["optimization.gif", "result.png", "keyframes.png"]),
+}
+
+TIMEOUT = float(os.environ.get("JAXRENDER_EXAMPLE_TIMEOUT", "600"))
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env.setdefault("JAX_PLATFORMS", "cpu")
+    procs = {}
+    for name, (extra, _, _) in EXAMPLES.items():
+        out = tmp_path_factory.mktemp(name)
+        cmd = [sys.executable, os.path.join(ROOT, "examples", f"{name}.py"), "--quick", "--out", str(out), *extra]
+        procs[name] = (subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                        text=True), out)
+    yield procs
+    for p, _ in procs.values():
+        if p.poll() is None:
+            p.kill()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", list(EXAMPLES))
+def test_example_quick(runs, name):
+    proc, out = runs[name]
+    try:
+        stdout, stderr = proc.communicate(timeout=TIMEOUT)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        pytest.fail(f"{name} did not finish in {TIMEOUT} s")
+    assert proc.returncode == 0, f"{name} failed:\n{stderr[-3000:]}"
+    lines = [ln for ln in stdout.strip().splitlines() if ln.strip()]
+    assert lines, f"{name} printed nothing"
+    metrics = json.loads(lines[-1])
+    _, keys, files = EXAMPLES[name]
+    for k in keys:
+        assert isinstance(metrics.get(k), (int, float)) and math.isfinite(metrics[k]), (k, metrics)
+    assert metrics["mode"] == "quick"
+    if name == "fit_camera_pose":
+        assert metrics["starts"] == 2 and 0.0 <= metrics["success_rate"] <= 1.0
+    if name in ("fit_silhouette", "deform_sphere"):
+        assert 0.0 <= metrics["iou" if name == "fit_silhouette" else "mean_iou"] <= 1.0
+    for f in files:
+        path = out / f
+        assert path.is_file() and path.stat().st_size > 100, f"{name}: missing or empty {f}"
+    assert "overflowed" not in stderr, f"{name}: rasterizer tile overflow:\n{stderr[-2000:]}"
