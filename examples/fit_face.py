@@ -100,7 +100,7 @@ def synthetic(args):
     n = 3 if quick else 10
     size = 96 if quick else 256
     res = 32 if quick else 48
-    steps = (150, 60) if quick else (400, 300)
+    steps = (150, 60) if quick else (400, 200)
     if args.steps is not None:
         steps = (args.steps, args.steps)
     model = synthetic_face_model(resolution=res)
@@ -191,7 +191,14 @@ def astronaut(args):
     ov = over(final)
     ov = draw_points(ov, lm, (0.0, 1.0, 0.0))
     ov = draw_points(ov, np.asarray(r.landmarks_2d), (1.0, 0.0, 0.0))
-    C.contact_sheet(os.path.join(args.out, "astronaut_overlay.png"), [img, ov, over(final, 0.5)])
+    # a close-up of the face region (the landmarks' box, grown by 60%)
+    lo, hi = lm.min(0), lm.max(0)
+    c, half = 0.5 * (lo + hi), 0.8 * float((hi - lo).max())
+    r0, r1 = int(max(0, c[1] - half)), int(min(size, c[1] + half))
+    c0, c1 = int(max(0, c[0] - half)), int(min(size, c[0] + half))
+    crop = lambda x: x[r0:r1, c0:c1]  # noqa: E731
+    C.contact_sheet(os.path.join(args.out, "astronaut_overlay.png"),
+                    [img, ov, crop(img), crop(ov), crop(over(final, 0.5)), crop(over(final))], cols=6)
     C.save_gif(os.path.join(args.out, "astronaut_fit.gif"), [over(f) for f in frames], fps=10)
     m = (final[..., 4] > 0.5) & (final[..., 3] > 0.5)
     p = psnr(final[..., :3], img, m.astype(np.float32))

@@ -97,7 +97,7 @@ def main():
         return mse + 1e-4 * jnp.mean(p["shape"] ** 2) + 1e-3 * jnp.mean(p["albedo"] ** 2), {"mse": mse}
 
     opt = param_groups(
-        {"face": optax.adam(0.05), "camera": optax.adam(2e-3)},
+        {"face": optax.adam(0.02), "camera": optax.adam(1e-3)},
         {"shape": "face", "albedo": "face", "ambient": "face", "dir_light": "face",
          "cam_pos": "camera", "cam_look_at": "camera"},
     )
