@@ -30,7 +30,6 @@ See ``docs/distributed.md``.
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
 import time
 import warnings
