@@ -179,12 +179,14 @@ def main():
     def extra(p):
         p.add_argument("--best", action="store_true", help="best settings found (physical mode, coarse-to-fine, TV, ...)")
         p.add_argument("--grid", type=int, default=None, help="grid size (default 128, 64 with --quick)")
+        p.add_argument("--size", type=int, default=None, help="image size (default 128, 64 with --quick)")
+        p.add_argument("--samples", type=int, default=None, help="samples per ray (default 150, 96 with --quick)")
         p.add_argument("--chunk", type=int, default=None, help="rays per lax.map chunk (memory knob)")
         p.add_argument("--frames", type=int, default=None, help="frames of the rotating GIF")
 
     args = C.parse_args("fit_volume", __doc__.splitlines()[0], extra)
     quick = args.quick
-    size = 64 if quick else 128
+    size = args.size or (64 if quick else 128)
     G = args.grid or (64 if quick else 128)
     n_train, n_held = 40, 8
     if args.best:
@@ -197,6 +199,9 @@ def main():
         cfg = dict(mode="pytorch3d", density_activation="sigmoid", density_scale=1.0, density_init=-4.0,
                    stratified=False, random_rays=False, tv=0.0, samples=96 if quick else 150,
                    batch_views=2 if quick else 10, batch_rays=None)
+    if args.samples:
+        cfg["samples"] = args.samples
+    cfg["batch_rays"] = cfg["batch_rays"] and min(cfg["batch_rays"], n_train * size * size)
     chunk = args.chunk
     progress = "print"
 
