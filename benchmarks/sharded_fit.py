@@ -113,7 +113,7 @@ def device_memory():
     return out
 
 
-def run(args):
+def run(args, on_row=None):
     all_devices = jax.devices()
     counts = [n for n in args.devices if n <= len(all_devices)]
     skipped = [n for n in args.devices if n > len(all_devices)]
@@ -135,6 +135,16 @@ def run(args):
 
     def loss(p, d, sh):
         return face_fit_loss(p, d, sh, settings=settings, hard=True)
+
+    def record(rows):
+        return dict(
+            benchmark="sharded_fit", rows=rows, skipped_device_counts=skipped,
+            config=dict(image_size=args.image_size, resolution=args.resolution, vertices=int(model.num_vertices),
+                        faces=int(model.num_faces), steps=args.steps, steps_per_call=args.steps_per_call,
+                        timed_calls=args.timed_calls, method=args.method, small=args.small, setup_s=setup_s),
+            device=str(all_devices[0].device_kind), platform=all_devices[0].platform, n_available=len(all_devices),
+            peak_bytes_per_device=device_memory(), jax=jax.__version__, host=platform.node(), python=platform.python_version(),
+        )
 
     rows = []
     for fpd, n in [(f, n) for f in args.faces_per_device for n in counts]:
@@ -162,17 +172,13 @@ def run(args):
             final_loss_mean=float(np.nanmean(fl)), finite=bool(np.isfinite(fl).all()),
             peak_bytes_so_far=device_memory()[:n],
         ))
-    for row in rows:
-        ref = [r for r in rows if r["faces_per_device"] == row["faces_per_device"]][0]
-        row["scaling_efficiency"] = row["faces_per_s"] / (row["devices"] * ref["faces_per_s"] / ref["devices"])
-    return dict(
-        benchmark="sharded_fit", rows=rows, skipped_device_counts=skipped,
-        config=dict(image_size=args.image_size, resolution=args.resolution, vertices=int(model.num_vertices),
-                    faces=int(model.num_faces), steps=args.steps, steps_per_call=args.steps_per_call,
-                    timed_calls=args.timed_calls, method=args.method, small=args.small, setup_s=setup_s),
-        device=str(all_devices[0].device_kind), platform=all_devices[0].platform, n_available=len(all_devices),
-        peak_bytes_per_device=device_memory(), jax=jax.__version__, host=platform.node(), python=platform.python_version(),
-    )
+        for row in rows:
+            ref = [r for r in rows if r["faces_per_device"] == row["faces_per_device"]][0]
+            row["scaling_efficiency"] = row["faces_per_s"] / (row["devices"] * ref["faces_per_s"] / ref["devices"])
+        if on_row is not None:
+            on_row(record(rows))
+
+    return record(rows)
 
 
 def table(res):
@@ -196,12 +202,20 @@ def table(res):
 
 def main(argv=None):
     args = parse(argv)
-    res = run(args)
+
+    def write(res):  # after every row, so a run cut short keeps what it measured
+        if args.out:
+            os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+            with open(args.out + ".tmp", "w") as f:
+                json.dump(res, f, indent=2)
+            os.replace(args.out + ".tmp", args.out)
+        r = res["rows"][-1]
+        print(f"# {r['faces_per_device']} faces/device x {r['devices']} devices: {r['faces_per_s']:.2f} faces/s, "
+              f"step {r['step_ms']:.1f} ms, first call {r['first_call_s']:.1f} s", flush=True)
+
+    res = run(args, on_row=write)
     print(table(res))
     if args.out:
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        with open(args.out, "w") as f:
-            json.dump(res, f, indent=2)
         print(f"\nwrote {args.out}")
     return res
 
