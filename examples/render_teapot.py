@@ -13,10 +13,19 @@ Outputs (in ``--out``, default ``out/render_teapot/``):
 
 * ``turntable.gif``: the Phong-shaded, vertex-coloured teapot seen from a
   camera circling it; left hard, right soft.
-* ``sweep.gif``: one view with sigma and gamma growing together over three
-  orders of magnitude (``sigma = gamma / 10`` as in the SoftRas demo), the
+* ``sweep.gif``: one view with sigma growing from 1e-5 to 1e-3 and gamma
+  from 1e-4 to 1e-2 (``sigma = gamma / 10`` as in the SoftRas demo), the
   colour composited over the background with the soft alpha.
 * ``turntable_first.png``, ``sweep_strip.png``: still frames.
+
+Two things to know when reading the soft pictures:
+
+* Every face is kept at a pixel only among the ``K`` faces *nearest in depth*
+  within reach, so ``K`` must grow with sigma (:func:`faces_per_pixel`); the
+  script prints the fraction of covered pixels whose covering face was kept.
+* The faint lattice inside the soft teapot is part of the SoftRas formula, not
+  a crack: at an edge shared by two faces each covers the pixel with
+  probability 1/2, so the alpha there is ``1 - (1/2)(1/2) = 3/4``.
 
 The last line printed is JSON: ``{"frames": n, "coverage": c, "outputs":
 [...]}`` with ``coverage`` the mean alpha of the hard renders (the fraction of
