@@ -74,4 +74,6 @@ def test_pallas_matches_xla_images_and_gradients(case):
 @pytest.mark.gpu
 def test_auto_backend_picks_pallas_on_gpu():
     from jaxrender.raster.pallas_select import resolve_backend
-    assert resolve_backend(None) == "pallas"
+    assert resolve_backend(None, 1) == "pallas"
+    assert resolve_backend(None, 10) == "xla"  # measured slower for soft rasterization
+    assert resolve_backend("pallas", 10) == "pallas"

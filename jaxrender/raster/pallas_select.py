@@ -53,10 +53,17 @@ def pallas_available() -> bool:
         return False
 
 
-def resolve_backend(backend):
-    """Pick ``"pallas"`` or ``"xla"`` for ``backend`` in (None, "auto", "xla", "pallas")."""
+def resolve_backend(backend, faces_per_pixel: int = 1):
+    """Pick ``"pallas"`` or ``"xla"`` for ``backend`` in (None, "auto", "xla", "pallas").
+
+    ``auto`` takes the kernel on a GPU for hard rasterization (``K = 1``),
+    where it measured faster than XLA (face_512_b8: 24 vs 40 ms on an H200);
+    for soft rasterization (``K > 1``) its per-candidate top-K bookkeeping
+    made it slower than XLA's batched top-k (see benchmarks/RESULTS.md), so
+    ``auto`` keeps XLA there.
+    """
     if backend in (None, "auto"):
-        if pallas_available():
+        if faces_per_pixel == 1 and pallas_available():
             return "pallas"
         if _HAVE_PALLAS is False and jax.default_backend() == "gpu":
             _once("jaxrender: Pallas' Triton backend is not importable; using the XLA rasterizer")
@@ -120,12 +127,12 @@ def _kernel(starts_ref, counts_ref, faces_ref, x0_ref, y0_ref, z0_ref, x1_ref, y
                 return (best_key, best_face) + worst(best_key, best_face)
 
             # Most candidates improve no pixel: skip the slot bookkeeping then.
-            return jax.lax.cond(jnp.any(kc < carry[2]), update, lambda c: c, carry)
+            return jax.lax.cond(jnp.max((kc < carry[2]).astype(jnp.int32)) > 0, update, lambda c: c, carry)
 
         def scan_block(carry):
             return jax.lax.fori_loop(0, block, col, carry)
 
-        return jax.lax.cond(jnp.any(key < carry[2][:, None]), scan_block, lambda c: c, carry)
+        return jax.lax.cond(jnp.max((key < carry[2][:, None]).astype(jnp.int32)) > 0, scan_block, lambda c: c, carry)
 
     n_blocks = (count + block - 1) // block
     carry = (best_key, best_face) + worst(best_key, best_face)

@@ -200,7 +200,7 @@ def _select_faces(tri, valid, settings: RasterSettings, znear):
     use_pallas = settings.pallas_interpret
     if not use_pallas and tri.dtype == jnp.float32:
         from .pallas_select import resolve_backend
-        use_pallas = resolve_backend(settings.backend) == "pallas"
+        use_pallas = resolve_backend(settings.backend, settings.faces_per_pixel) == "pallas"
     if use_pallas:
         from .pallas_select import select_pallas
         sel = select_pallas(tri, face_s, starts, counts, znear, settings=settings, nby=nby, nbx=nbx,
