@@ -365,11 +365,12 @@ def test_fit_faces_sharded_matches_fit_faces_batched():
     F = pytest.importorskip("jaxrender.morphable.fitting")
     from jaxrender.data.synthetic_face import synthetic_face_model
     from jaxrender.distributed import fit_faces_sharded
+    from jaxrender.raster import RasterSettings
 
     model = synthetic_face_model(resolution=16, n_id=4, n_exp=2, n_albedo=2)
     cam = F.default_camera(model, 24)
     base = F.init_params(model, cam, None)
-    settings = F.RasterSettings(image_size=(24, 24), faces_per_pixel=1, blur_radius=0.0)
+    settings = RasterSettings(image_size=(24, 24), faces_per_pixel=1, blur_radius=0.0)
 
     def target(key):
         p = dict(base, id=0.5 * jax.random.normal(key, base["id"].shape))
