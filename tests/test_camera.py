@@ -12,31 +12,9 @@ import pytest
 from scipy.spatial.transform import Rotation
 
 from jaxrender import camera as C
-from tests.helpers import check_grad
+from tests.helpers import check_grad, check_jit_vmap_grad, fast_jit
 
 
-# These tests push tiny arrays, so XLA compilation, not execution, is what
-# costs time on the CPU. Compiling with the backend (LLVM) optimizations off
-# halves that and changes nothing beyond rounding.
-_FAST_COMPILE = {"xla_backend_optimization_level": 0}
-
-
-def fast_jit(fun):
-    """``jax.jit(fun)`` for array / pytree arguments, compiled with ``_FAST_COMPILE``.
-
-    Call it with concrete values only (it runs a compiled executable).
-    """
-    jitted = jax.jit(fun)
-    cache = {}
-
-    def call(*args):
-        leaves, tree = jax.tree_util.tree_flatten(args)
-        key = (tree, bool(jax.config.jax_enable_x64), tuple((np.shape(v), str(getattr(v, "dtype", type(v)))) for v in leaves))
-        if key not in cache:
-            cache[key] = jitted.lower(*args).compile(_FAST_COMPILE)
-        return cache[key](*args)
-
-    return call
 
 
 # Compiled versions for the value tests: eager JAX compiles every primitive
@@ -471,31 +449,3 @@ def test_grad_wrt_points_and_vmap_over_points(x64):
     np.testing.assert_allclose(np.asarray(fast_jit(jax.vmap(lambda X: C.project(cam, X)))(Xb)), np.asarray(project(cam, Xb)), atol=1e-12)
 
 
-def check_jit_vmap_grad(f, x):
-    """``f`` under jit, under vmap over a leading batch, and its gradient vs central differences.
-
-    Everything is compiled in one function (compilation dominates on the CPU);
-    ``check_grad`` sees a ``custom_vjp`` wrapper whose value and gradient come
-    from that compiled function.
-    """
-    x2 = x * 1.01
-    w = jnp.asarray(np.random.default_rng(2).normal(size=np.shape(jax.eval_shape(f, x))))
-
-    def g(p):
-        return jnp.sum(f(p) * w)
-
-    @fast_jit
-    def everything(p):
-        return f(p), jax.vmap(f)(jnp.stack([p, x2])), jax.value_and_grad(g)(p)
-
-    y, yb, _ = everything(x)
-    y2 = everything(x2)[0]  # same compiled function, unbatched value at x2
-    assert np.all(np.isfinite(np.asarray(y)))
-    np.testing.assert_allclose(np.asarray(yb), np.stack([np.asarray(y), np.asarray(y2)]), rtol=1e-12, atol=1e-12)
-
-    @jax.custom_vjp
-    def g_compiled(p):
-        return everything(p)[2][0]
-
-    g_compiled.defvjp(lambda p: everything(p)[2], lambda grad, ct: (ct * grad,))
-    check_grad(g_compiled, x)

@@ -8,33 +8,12 @@ import pytest
 from scipy.spatial.transform import Rotation
 
 from jaxrender import transforms as T
-from tests.helpers import check_grad
+from tests.helpers import check_grad, fast_jit
+from tests.helpers import check_jit_vmap_grad as _check_jit_vmap_grad
 
 ORDERS = T.EULER_ORDERS
 
 
-# These tests push tiny arrays, so XLA compilation, not execution, is what
-# costs time on the CPU. Compiling with the backend (LLVM) optimizations off
-# halves that and changes nothing beyond rounding.
-_FAST_COMPILE = {"xla_backend_optimization_level": 0}
-
-
-def fast_jit(fun):
-    """``jax.jit(fun)`` for array / pytree arguments, compiled with ``_FAST_COMPILE``.
-
-    Call it with concrete values only (it runs a compiled executable).
-    """
-    jitted = jax.jit(fun)
-    cache = {}
-
-    def call(*args):
-        leaves, tree = jax.tree_util.tree_flatten(args)
-        key = (tree, bool(jax.config.jax_enable_x64), tuple((np.shape(v), str(getattr(v, "dtype", type(v)))) for v in leaves))
-        if key not in cache:
-            cache[key] = jitted.lower(*args).compile(_FAST_COMPILE)
-        return cache[key](*args)
-
-    return call
 
 
 # Compiled versions for the value tests: eager JAX compiles every primitive
@@ -381,33 +360,7 @@ CASES = {
 
 
 def check_jit_vmap_grad(f, x):
-    """``f`` under jit, under vmap over a leading batch, and its gradient vs central differences.
-
-    Everything is compiled in one function (compilation dominates on the CPU);
-    ``check_grad`` sees a ``custom_vjp`` wrapper whose value and gradient come
-    from that compiled function.
-    """
-    x2 = x * 0.9
-    w = jnp.asarray(np.random.default_rng(1).normal(size=np.shape(jax.eval_shape(f, x))))
-
-    def g(p):
-        return jnp.sum(f(p) * w)
-
-    @fast_jit
-    def everything(p):
-        return f(p), jax.vmap(f)(jnp.stack([p, x2])), jax.value_and_grad(g)(p)
-
-    y, yb, _ = everything(x)
-    y2 = everything(x2)[0]  # same compiled function, unbatched value at x2
-    assert np.all(np.isfinite(np.asarray(y)))
-    np.testing.assert_allclose(np.asarray(yb), np.stack([np.asarray(y), np.asarray(y2)]), rtol=1e-12, atol=1e-12)
-
-    @jax.custom_vjp
-    def g_compiled(p):
-        return everything(p)[2][0]
-
-    g_compiled.defvjp(lambda p: everything(p)[2], lambda grad, ct: (ct * grad,))
-    check_grad(g_compiled, x)
+    _check_jit_vmap_grad(f, x, x2_scale=0.9, seed=1)
 
 
 @pytest.mark.parametrize("name", sorted(CASES))
