@@ -30,7 +30,6 @@ def check_shape(x, name: str, shape: Sequence, *, batch_ok: bool = False):
         raise TypeError(f"{name} must be an array, got {type(x).__name__}")
     shp = tuple(x.shape)
     spec = tuple(shape)
-    want = "(" + ", ".join("..." if s is None or isinstance(s, str) and s.startswith("*") else str(s) for s in spec) + ")"
     if batch_ok:
         ok = len(shp) >= len(spec) and all(
             not isinstance(s, int) or s == d for s, d in zip(spec, shp[len(shp) - len(spec):])

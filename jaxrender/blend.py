@@ -13,7 +13,7 @@ These follow PyTorch3D's blending functions exactly, so its ``sigma``,
 """
 from __future__ import annotations
 
-from typing import Tuple, Union
+from typing import Union
 
 import equinox as eqx
 import jax

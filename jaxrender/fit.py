@@ -15,7 +15,6 @@ applies the update to get ``p_{k+1}`` (and the constraint, if any).
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
 import re
 import time
@@ -789,7 +788,7 @@ def fit(
         mode = "print"
     bar = None
     if mode == "tqdm" and steps > start:
-        from tqdm.auto import tqdm
+        from tqdm.auto import tqdm  # noqa: F811 - imported above only to probe availability
 
         bar = tqdm(total=steps, initial=start, desc="fit", unit="step", dynamic_ncols=True)
 

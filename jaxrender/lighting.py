@@ -62,7 +62,7 @@ one common frame (world or camera).
 from __future__ import annotations
 
 import math
-from typing import Sequence, Union
+from typing import Union
 
 import equinox as eqx
 import jax

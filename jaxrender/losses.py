@@ -21,7 +21,7 @@ Laplacians and edges come from :mod:`jaxrender.mesh`.
 from __future__ import annotations
 
 import itertools
-from typing import Optional
+
 
 import equinox as eqx
 import jax

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 from typing import Sequence
 
-import jax
 import jax.numpy as jnp
 
 from jaxrender._checks import check_shape

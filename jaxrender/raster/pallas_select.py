@@ -19,7 +19,6 @@ import logging
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from .rasterize import geometry_core
 

@@ -3,26 +3,26 @@ by a differentiable recomputation of the kept fragments.
 
 Two passes (docs/rasterizer.md):
 
-1. *Selection* (no gradient). Faces are culled, their screen bounding boxes
-   (grown by the blur radius) are binned into square tiles with a fixed
-   capacity per tile, and every pixel tests only its tile's candidates,
-   keeping the ``K`` nearest in depth among those within reach. Memory is
-   ``O(T * M + H * W * K + F)`` for ``T`` tiles of capacity ``M``; the
-   per-pixel work is done a few tiles at a time.
+1. *Selection* (no gradient). Faces are culled; each face's screen bounding
+   box (grown by the blur radius) emits one (tile, face) pair per square
+   tile it touches; the pairs are sorted, so each tile's candidates are a
+   contiguous run; every pixel tests only its tile's candidates, keeping the
+   ``K`` nearest in depth among those within reach. Memory is
+   ``O(P + H * W * K + F)`` for ``P`` pairs; the per-pixel work is done a
+   chunk of tiles and a block of candidates at a time (or by the Pallas
+   kernel in ``pallas_select.py`` on a GPU).
 2. *Recompute* (differentiable). For the kept ``(H, W, K)`` face indices the
    barycentrics, depth and signed distance are computed again from the vertex
    positions, so gradients flow to the vertices through ``O(H * W * K)``
    values only.
 
-Both passes use :func:`fragment_geometry`, so they agree exactly.
+Both passes use :func:`geometry_core`, so they agree exactly.
 """
 from __future__ import annotations
 
-import math
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from .._checks import check_faces, check_float, check_shape
 from .settings import Fragments, RasterSettings
