@@ -58,8 +58,8 @@ def main():
     args = C.parse_args("fit_portrait", __doc__.splitlines()[0])
     quick = args.quick
     size = 64 if quick else 128
-    res = 32 if quick else 64
-    steps = args.steps or (80 if quick else 500)
+    res = 32 if quick else 40
+    steps = args.steps or (80 if quick else 300)
     model = synthetic_face_model(resolution=res)
     target = jnp.asarray(target_image(size))
     lm = np.asarray(model.mean_shape)[np.asarray(model.landmark_indices)]

@@ -80,8 +80,11 @@ def main():
     T = 12 if quick else 60
     size = 64 if quick else 128
     res = 24 if quick else 48
+    # identity and albedo from landmarks + photometric on the key frames; the windows
+    # track from landmarks only (a photometric stage per window, steps=(150, 40), is
+    # much slower on a CPU)
     key_steps = (150, 30) if quick else (300, 100)
-    steps = (60, 0) if quick else (150, 40)
+    steps = (60, 0) if quick else (200, 0)
     window = 6 if quick else 20
     model = synthetic_face_model(resolution=res)
     cam = F.default_camera(model, size)

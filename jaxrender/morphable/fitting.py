@@ -573,7 +573,7 @@ def track_face(model: MorphableModel, frames, landmarks_per_frame, masks=None, *
     def frame_loss(p, d, st):
         return face_loss(model, p, d, w, st, hard=not soft, sigma=1e-6, regularize=("exp",))
 
-    def make_loss(st, prev):
+    def make_loss(st, prev, smooth=True):
         def loss_fn(params, d):
             per = {k: params[k] for k in _PER_FRAME}
             shared = {"id": params["id"], "tex": params["tex"]}
@@ -581,6 +581,8 @@ def track_face(model: MorphableModel, frames, landmarks_per_frame, masks=None, *
             loss, terms = jax.vmap(fl, in_axes=(0, dict(camera=None, image=0, mask=0, landmarks=0, lm_weights=None,
                                                             unit=None)))(per, d)
             total = jnp.mean(loss) + _reg(shared, w, ("id", "tex"))
+            if not smooth:  # key frames are far apart in time
+                return total, {k: jnp.mean(v) for k, v in terms.items()}
             sm = sum(_smooth(params[k], None if prev is None else prev[k]) for k in _PER_FRAME)
             total = total + w["smooth"] * sm
             return total, {**{k: jnp.mean(v) for k, v in terms.items()}, "smooth": sm}
@@ -589,15 +591,15 @@ def track_face(model: MorphableModel, frames, landmarks_per_frame, masks=None, *
     def data_for(idx):
         return dict(camera=camera, image=frames[idx], mask=masks[idx], landmarks=lms[idx], lm_weights=lm_w, unit=unit)
 
-    def run(params, idx, frozen, prev, name):
+    def run(params, idx, frozen, prev, name, smooth=True):
         d = data_for(idx)
         if s_lm_cur[0] > 0:
-            r = fit(make_loss(None, prev), params, d, _optimizer(lrs, frozen=frozen + ("tex", "gamma")), s_lm_cur[0],
+            r = fit(make_loss(None, prev, smooth), params, d, _optimizer(lrs, frozen=frozen + ("tex", "gamma")), s_lm_cur[0],
                     constraints=cons, steps_per_call=steps_per_call, progress=progress, has_aux=True)
             stages[name + "/landmark"] = r
             params = r.params
         if s_lm_cur[1] > 0:
-            r = fit(make_loss(settings, prev), params, d, _optimizer(lrs, frozen=frozen), s_lm_cur[1],
+            r = fit(make_loss(settings, prev, smooth), params, d, _optimizer(lrs, frozen=frozen), s_lm_cur[1],
                     constraints=cons, steps_per_call=steps_per_call, progress=progress, has_aux=True)
             stages[name + "/photo"] = r
             params = r.params
@@ -611,7 +613,7 @@ def track_face(model: MorphableModel, frames, landmarks_per_frame, masks=None, *
     pk["id"] = init_k["id"][0]
     pk["tex"] = init_k["tex"][0]
     s_lm_cur = (k_lm, k_ph)
-    pk = run(pk, jnp.asarray(keys), (), None, "keyframes")
+    pk = run(pk, jnp.asarray(keys), (), None, "keyframes", smooth=False)
     shared = {"id": pk["id"], "tex": pk["tex"]}
 
     # 2. windows, warm-started
