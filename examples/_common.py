@@ -150,9 +150,15 @@ def side_by_side(*images, gap=2):
     return np.concatenate(out, axis=1)
 
 
-def contact_sheet(path, images, cols=None, gap=2):
-    """Save a grid of images as one PNG (for looking at key frames)."""
-    ims = [to_rgb(i) for i in images]
+def upscale(img, scale: int = 1):
+    """Nearest-neighbour enlargement (tiny renders stay readable in pictures)."""
+    img = to_rgb(img)
+    return img if scale == 1 else np.repeat(np.repeat(img, scale, 0), scale, 1)
+
+
+def contact_sheet(path, images, cols=None, gap=2, scale: int = 1):
+    """Save a grid of images as one PNG (for looking at key frames); ``scale`` enlarges each."""
+    ims = [upscale(i, scale) for i in images]
     cols = cols or len(ims)
     rows = [side_by_side(*ims[r:r + cols], gap=gap) for r in range(0, len(ims), cols)]
     w = max(r.shape[1] for r in rows)
@@ -165,8 +171,8 @@ def contact_sheet(path, images, cols=None, gap=2):
     return sheet
 
 
-def save_gif(path, frames, fps=10.0):
-    jio.write_gif(path, [to_rgb(f) for f in frames], fps=fps)
+def save_gif(path, frames, fps=10.0, scale: int = 1):
+    jio.write_gif(path, [upscale(f, scale) for f in frames], fps=fps)
 
 
 def tree_index(tree, i):
