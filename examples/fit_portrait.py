@@ -74,9 +74,8 @@ def main():
         cam_look_at=jnp.asarray(centre, jnp.float32) / dist,
         ambient=jnp.ones(3) * 0.5, dir_light=jnp.ones(3) * 0.5,
     )
-    # a soft edge of about a pixel, so that the silhouette pulls the camera
-    sigma = 5e-5 * (128 / size) ** 2
-    settings = RasterSettings(image_size=size, faces_per_pixel=8, blur_radius=C.blur_radius(sigma))
+    sigma = 1e-5
+    settings = RasterSettings(image_size=size, faces_per_pixel=4, blur_radius=C.blur_radius(sigma))
     blend = BlendParams(sigma=sigma, gamma=1e-4, background=jnp.zeros(3))
 
     def camera_of(p):
@@ -98,7 +97,7 @@ def main():
         return mse + 1e-4 * jnp.mean(p["shape"] ** 2) + 1e-3 * jnp.mean(p["albedo"] ** 2), {"mse": mse}
 
     opt = param_groups(
-        {"face": optax.adam(0.02), "camera": optax.adam(3e-3)},
+        {"face": optax.adam(0.02), "camera": optax.adam(1e-3)},
         {"shape": "face", "albedo": "face", "ambient": "face", "dir_light": "face",
          "cam_pos": "camera", "cam_look_at": "camera"},
     )
