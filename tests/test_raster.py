@@ -6,7 +6,10 @@ import pytest
 
 from jaxrender.blend import BlendParams, sigmoid_alpha_blend, softmax_rgb_blend, hard_rgb_blend
 from jaxrender.raster import RasterSettings, interpolate, rasterize
-from tests.helpers import check_grad
+from tests.helpers import check_grad, fast_jit
+
+# Concrete calls share compiled executables (compile time dominates these tests).
+rasterize_c = fast_jit(rasterize)
 
 
 # --------------------------------------------------------------------------
@@ -119,7 +122,7 @@ def test_float32_matches_reference():
     H, W = 20, 28
     sv, faces = random_scene(5, H=H, W=W)
     s = RasterSettings(image_size=(H, W), faces_per_pixel=3, blur_radius=1e-2, bin_size=8, max_faces_per_bin=64)
-    fr = rasterize(jnp.asarray(sv, jnp.float32), jnp.asarray(faces), s)
+    fr = rasterize_c(jnp.asarray(sv, jnp.float32), jnp.asarray(faces), s)
     ref_idx, ref_bary, ref_depth, ref_dist, _ = reference_rasterize(sv, faces, H, W, 3, 1e-2)
     same = np.asarray(fr.face_idx) == ref_idx
     assert same.mean() > 0.999
@@ -135,7 +138,7 @@ def test_image_not_multiple_of_bin_and_default_bins(x64):
     H, W = 19, 23
     sv, faces = random_scene(7, H=H, W=W)
     s = RasterSettings(image_size=(H, W), faces_per_pixel=2, blur_radius=1e-2)
-    fr = rasterize(jnp.asarray(sv), jnp.asarray(faces), s)
+    fr = rasterize_c(jnp.asarray(sv), jnp.asarray(faces), s)
     ref_idx, *_ = reference_rasterize(sv, faces, H, W, 2, 1e-2)
     np.testing.assert_array_equal(np.asarray(fr.face_idx), ref_idx)
 
@@ -144,11 +147,11 @@ def test_overflow_reported_and_fixed_by_capacity(x64):
     H, W = 16, 16
     sv, faces = random_scene(11, F=40, H=H, W=W)
     small = RasterSettings(image_size=(H, W), faces_per_pixel=4, blur_radius=1e-2, bin_size=8, max_faces_per_bin=4)
-    fr = rasterize(jnp.asarray(sv), jnp.asarray(faces), small)
+    fr = rasterize_c(jnp.asarray(sv), jnp.asarray(faces), small)
     assert int(fr.num_overflow) > 0
     need = int(fr.max_bin_count)
     big = RasterSettings(image_size=(H, W), faces_per_pixel=4, blur_radius=1e-2, bin_size=8, max_faces_per_bin=need)
-    fr2 = rasterize(jnp.asarray(sv), jnp.asarray(faces), big)
+    fr2 = rasterize_c(jnp.asarray(sv), jnp.asarray(faces), big)
     assert int(fr2.num_overflow) == 0
     ref_idx, *_ = reference_rasterize(sv, faces, H, W, 4, 1e-2)
     np.testing.assert_array_equal(np.asarray(fr2.face_idx), ref_idx)
@@ -162,9 +165,9 @@ def test_overflow_reported_and_fixed_by_capacity(x64):
 def test_empty_and_offscreen():
     s = RasterSettings(image_size=(8, 8), faces_per_pixel=2)
     sv = jnp.array([[100.0, 100, 2], [110, 100, 2], [100, 110, 2]])
-    fr = rasterize(sv, jnp.array([[0, 1, 2]], jnp.int32), s)
+    fr = rasterize_c(sv, jnp.array([[0, 1, 2]], jnp.int32), s)
     assert np.all(np.asarray(fr.face_idx) == -1)
-    fr = rasterize(sv, jnp.zeros((0, 3), jnp.int32), s)
+    fr = rasterize_c(sv, jnp.zeros((0, 3), jnp.int32), s)
     assert fr.face_idx.shape == (8, 8, 2)
 
 
@@ -188,7 +191,7 @@ def test_interpolate_reproduces_linear_function(x64):
     sv = jnp.array([[1.0, 1.0, 2.0], [11.0, 2.0, 2.0], [3.0, 11.0, 2.0]])
     faces = jnp.array([[0, 1, 2]], jnp.int32)
     s = RasterSettings(image_size=(H, W), faces_per_pixel=1, perspective_correct=False)
-    fr = rasterize(sv, faces, s)
+    fr = rasterize_c(sv, faces, s)
     attr = sv[:, :2] * 2.0 + 1.0
     out = interpolate(attr, faces, fr)[..., 0, :]
     ys, xs = np.mgrid[0:H, 0:W] + 0.5
@@ -203,7 +206,7 @@ def test_perspective_correct_depth_is_exact_plane(x64):
     P = np.array([[-1.0, -1.0, 3.0], [1.5, -0.5, 5.0], [-0.5, 1.2, 4.0]])
     sv = np.stack([f * P[:, 0] / P[:, 2] + c, f * P[:, 1] / P[:, 2] + c, P[:, 2]], -1)
     s = RasterSettings(image_size=(20, 20), faces_per_pixel=1)
-    fr = rasterize(jnp.asarray(sv), jnp.array([[0, 1, 2]], jnp.int32), s)
+    fr = rasterize_c(jnp.asarray(sv), jnp.array([[0, 1, 2]], jnp.int32), s)
     n = np.cross(P[1] - P[0], P[2] - P[0])
     ys, xs = np.mgrid[0:20, 0:20] + 0.5
     d = np.stack([(xs - c) / f, (ys - c) / f, np.ones_like(xs)], -1)
@@ -223,7 +226,7 @@ def test_grad_vertices_matches_fd(x64):
     sv[:, 2] = np.abs(sv[:, 2]) + 1.0
     colors = jnp.asarray(np.random.default_rng(0).uniform(0, 1, (sv.shape[0], 3)))
     w = jnp.asarray(np.random.default_rng(1).normal(size=(12, 12, 4)))
-    fixed = rasterize(jnp.asarray(sv), jnp.asarray(faces), s).face_idx
+    fixed = rasterize_c(jnp.asarray(sv), jnp.asarray(faces), s).face_idx
 
     def loss(x):
         fr = rasterize(x.reshape(-1, 3), jnp.asarray(faces), s)
@@ -243,7 +246,7 @@ def test_grad_vertices_matches_fd(x64):
 def test_grad_colors_matches_fd(x64):
     sv, faces, s = _soft_scene()
     sv[:, 2] = np.abs(sv[:, 2]) + 1.0
-    fr = rasterize(jnp.asarray(sv), jnp.asarray(faces), s)
+    fr = rasterize_c(jnp.asarray(sv), jnp.asarray(faces), s)
     w = jnp.asarray(np.random.default_rng(1).normal(size=(12, 12, 4)))
 
     def loss(c):
@@ -279,7 +282,7 @@ def test_jit_vmap_over_vertices():
     batch = jnp.stack([jnp.asarray(sv, jnp.float32), jnp.asarray(sv, jnp.float32) + jnp.array([1.0, 0.5, 0.0])])
     fb = jax.jit(jax.vmap(lambda v: rasterize(v, jnp.asarray(faces), s)))(batch)
     for b in range(2):
-        f1 = rasterize(batch[b], jnp.asarray(faces), s)
+        f1 = rasterize_c(batch[b], jnp.asarray(faces), s)
         np.testing.assert_array_equal(np.asarray(fb.face_idx[b]), np.asarray(f1.face_idx))
         np.testing.assert_allclose(np.asarray(fb.dist[b]), np.asarray(f1.dist), atol=1e-6)
     assert fb.num_overflow.shape == (2,)
