@@ -51,7 +51,7 @@ def _similarity_align(src, dst):
 
 def test_landmark_fit_recovers_pose_and_identity(model, camera):
     p, image, lm = _target(model, camera, 0)
-    r = F.fit_face(model, image, lm, camera=camera, steps=(400, 0), weights=NO_REG, lr=dict(id=0.05, exp=0.05))
+    r = F.fit_face(model, image, lm, camera=camera, steps=(250, 0), weights=NO_REG, lr=dict(id=0.1, exp=0.1))
     assert set(r.stages) == {"landmark"}
     err = np.linalg.norm(np.asarray(r.landmarks_2d) - lm, axis=1).mean()
     assert err < 0.1, err
@@ -65,7 +65,7 @@ def test_landmark_fit_recovers_pose_and_identity(model, camera):
 
 def test_photometric_stage_lowers_loss(model, camera):
     _, image, lm = _target(model, camera, 1)
-    r = F.fit_face(model, image, lm, camera=camera, steps=(100, 40))
+    r = F.fit_face(model, image, lm, camera=camera, steps=(60, 30))
     h = r.stages["photo"].history
     assert np.all(np.isfinite(h["loss"]))
     assert h["photo"][-1] < 0.8 * h["photo"][0]
