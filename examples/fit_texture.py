@@ -20,6 +20,9 @@ teapot's pixels in the held-out views, colours in [0, 1]).
 """
 from __future__ import annotations
 
+import sys
+import warnings
+
 import numpy as np
 
 import _common as C  # noqa: I001  (puts the repo on sys.path)
@@ -62,7 +65,6 @@ def main():
 
     geo = mesh_lib.teapot(4 if args.quick else 6)
     truth = pattern(np.asarray(geo.vertices))
-    gt_mesh = mesh_lib.Mesh(geo.vertices, geo.faces, vertex_colors=truth)
     lights = (AmbientLight(0.55), DirectionalLight(direction=(0.4, 1.0, 0.6), color=0.45))
     cams = random_cameras(rng, n_train + n_test, size)
     settings = C.settings_for([(geo, c) for c in cams[:4]], size, faces_per_pixel=1, margin=1.5)
@@ -70,10 +72,9 @@ def main():
     frags = [C.rasterize_mesh(geo, c, settings) for c in cams]
     overflow = sum(int(f.num_overflow) for f in frags)
     if overflow:
-        import warnings
         warnings.warn(f"{overflow} (face, tile) pairs overflowed; raise max_faces_per_bin", RuntimeWarning)
     else:
-        print(f"[check] all {len(frags)} views: num_overflow = 0", file=__import__("sys").stderr)
+        print(f"[check] all {len(frags)} views: num_overflow = 0", file=sys.stderr)
     white = jnp.ones(3)
 
     def render(colors, fr, cam):
