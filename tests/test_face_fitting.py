@@ -51,7 +51,7 @@ def _similarity_align(src, dst):
 
 def test_landmark_fit_recovers_pose_and_identity(model, camera):
     p, image, lm = _target(model, camera, 0)
-    r = F.fit_face(model, image, lm, camera=camera, steps=(250, 0), weights=NO_REG, lr=dict(id=0.1, exp=0.1))
+    r = F.fit_face(model, image, lm, camera=camera, steps=(200, 0), weights=NO_REG, lr=dict(id=0.1, exp=0.1))
     assert set(r.stages) == {"landmark"}
     err = np.linalg.norm(np.asarray(r.landmarks_2d) - lm, axis=1).mean()
     assert err < 0.1, err
@@ -77,7 +77,7 @@ def test_batched_equals_per_image(model, camera):
     targets = [_target(model, camera, s) for s in (2, 3)]
     images = np.stack([t[1] for t in targets])
     lms = np.stack([t[2] for t in targets])
-    kw = dict(camera=camera, steps=(30, 10), steps_per_call=20)
+    kw = dict(camera=camera, steps=(20, 5), steps_per_call=20)
     rb = F.fit_faces_batched(model, images, lms, **kw)
     for i in range(1):  # the second image is fitted alongside; one per-image fit is enough to compare
         ri = F.fit_face(model, images[i], lms[i], **kw)
@@ -99,8 +99,8 @@ def test_track_face_three_frames(model, camera):
         lms.append(np.asarray(out["landmarks_2d"]))
         truth.append(np.asarray(out["vertices_model"]))
     # the key-frame fit has a (short) photometric stage; the windows track from landmarks only
-    r = F.track_face(model, np.stack(frames), np.stack(lms), camera=camera, steps=(200, 0),
-                     keyframe_steps=(200, 5), num_keyframes=2,
+    r = F.track_face(model, np.stack(frames), np.stack(lms), camera=camera, steps=(150, 0),
+                     keyframe_steps=(150, 3), num_keyframes=2,
                      window=2, weights=dict(NO_REG, smooth=0.1))
     assert r.vertices.shape == (3, model.num_vertices, 3)
     assert r.params["id"].shape == (model.num_id,) and r.params["exp"].shape == (3, model.num_exp)

@@ -36,6 +36,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Mapping, Optional, Sequence
 
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -128,7 +129,8 @@ def init_params(model: MorphableModel, camera, landmarks=None, dtype=jnp.float32
     where their spreads match; otherwise the face is put where the camera
     looks, at the distance of the world origin. Traceable (vmap over images).
     """
-    unit = _unit(model)
+    lm_mean = jnp.take(model.mean_shape, model.landmark_indices, axis=0)
+    unit = jnp.sqrt(jnp.mean(jnp.sum((lm_mean - jnp.mean(lm_mean, 0)) ** 2, -1)))  # = _unit(model), traceable
     Rc = camera.R.astype(dtype)
     R0 = Rc.T @ jnp.diag(jnp.array([1.0, -1.0, -1.0], dtype))  # model axes -> world, facing the camera
     angles = matrix_to_euler(R0, "xyz")
@@ -361,6 +363,24 @@ def _steps(steps):
 # ----------------------------------------------------------------------------
 
 
+# Compiled once per model structure / image size and reused by later calls
+# (equinox.filter_jit: arrays are traced, the rest is static).
+@eqx.filter_jit
+def _final_batched(model, params, camera, cam_axes, unit, image_size):
+    settings = RasterSettings(image_size=image_size)
+
+    def final(p, c):
+        out = face_forward(model, p, c, unit)
+        return out, render_face(model, out, c, settings, hard=True)
+
+    return jax.vmap(final, in_axes=(0, cam_axes))(params, camera)
+
+
+@eqx.filter_jit
+def _init_batched(model, camera, landmarks, cam_axes):
+    return jax.vmap(lambda c, l: init_params(model, c, l, landmarks.dtype), in_axes=(cam_axes, 0))(camera, landmarks)
+
+
 def fit_faces_batched(model: MorphableModel, images, landmarks=None, masks=None, *, camera=None,
                       steps=(300, 200), weights: Optional[Mapping] = None, lr=None, soft: bool = False,
                       faces_per_pixel: int = 8, blur_radius: float = 1e-5, sigma: float = 1e-6,
@@ -403,8 +423,11 @@ def fit_faces_batched(model: MorphableModel, images, landmarks=None, masks=None,
     s_lm, s_ph = _steps(steps)
     unit = _unit(model)
     if init is None:
-        init = jax.vmap(lambda c, l: init_params(model, c, l, images.dtype), in_axes=(cam_axes, 0 if landmarks is not None else None))(
-            camera, landmarks)
+        if landmarks is not None:
+            init = _init_batched(model, camera, landmarks, cam_axes)
+        else:
+            one = init_params(model, cam0, None, images.dtype)
+            init = jax.tree_util.tree_map(lambda x: jnp.broadcast_to(x, (B,) + x.shape), one)
     params = jax.tree_util.tree_map(lambda x: jnp.asarray(x, images.dtype), dict(init))
     data = dict(camera=camera, image=images, mask=masks, landmarks=landmarks,
                 lm_weights=landmark_weights(model.num_landmarks, images.dtype), unit=unit)
@@ -433,12 +456,7 @@ def fit_faces_batched(model: MorphableModel, images, landmarks=None, masks=None,
         stages["photo"] = r
         params = r.params
 
-    def final(p, c):
-        out = face_forward(model, p, c, unit)
-        img = render_face(model, out, c, _settings(settings.image_size, False, 1, 0.0), hard=True)
-        return out, img
-
-    out, img = jax.jit(jax.vmap(final, in_axes=(0, cam_axes)))(params, camera)
+    out, img = _final_batched(model, params, camera, cam_axes, unit, settings.image_size)
     return FaceFit(params=params, coeffs=out["coeffs"], vertices=out["vertices"], vertices_model=out["vertices_model"],
                    landmarks_2d=out["landmarks_2d"], image=img, camera=camera, unit=unit, stages=stages)
 
@@ -608,7 +626,7 @@ def track_face(model: MorphableModel, frames, landmarks_per_frame, masks=None, *
     # 1. identity on key frames
     nk = max(1, min(int(num_keyframes), T))
     keys = np.unique(np.round(np.linspace(0, T - 1, nk)).astype(int))
-    init_k = jax.vmap(lambda l: init_params(model, camera, l, frames.dtype))(lms[keys])
+    init_k = _init_batched(model, camera, lms[keys], None)
     pk = {k: init_k[k] for k in _PER_FRAME}
     pk["id"] = init_k["id"][0]
     pk["tex"] = init_k["tex"][0]
@@ -628,7 +646,7 @@ def track_face(model: MorphableModel, frames, landmarks_per_frame, masks=None, *
             near = np.array([int(np.argmin(np.abs(keys - i))) for i in idx])
             p0 = {k: pk[k][near] for k in _PER_FRAME}
             # pose from that frame's own landmarks is a better start for the translation
-            own = jax.vmap(lambda l: init_params(model, camera, l, frames.dtype))(lms[idx])
+            own = _init_batched(model, camera, lms[idx], None)
             p0["translation"] = jnp.where(jnp.abs(idx - keys[near])[:, None] == 0, p0["translation"],
                                           own["translation"])
         else:
