@@ -1,4 +1,5 @@
 """Face fitting (jaxrender.morphable.fitting) on a tiny synthetic face model."""
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -33,10 +34,15 @@ def _target(model, camera, seed, pose_deg=15.0):
         translation=p["translation"] + jnp.asarray(rng.uniform(-0.1, 0.1, 3), jnp.float32),
         gamma=jnp.asarray(np.tile(rng.uniform(-0.1, 0.1, 9), 3), jnp.float32),
     )
-    out = F.face_forward(model, p, camera)
-    img = F.render_face(model, out, camera, RasterSettings(image_size=SIZE))
+    img, lm, _ = _render(model, p, camera)
     image = img[..., :3] + (1 - img[..., 4:5]) * 0.5
-    return p, np.asarray(image), np.asarray(out["landmarks_2d"])
+    return p, np.asarray(image), np.asarray(lm)
+
+
+@eqx.filter_jit
+def _render(model, p, camera):
+    out = F.face_forward(model, p, camera)
+    return F.render_face(model, out, camera, RasterSettings(image_size=SIZE)), out["landmarks_2d"], out["vertices_model"]
 
 
 def _similarity_align(src, dst):
@@ -57,7 +63,7 @@ def test_landmark_fit_recovers_pose_and_identity(model, camera):
     assert err < 0.1, err
     np.testing.assert_allclose(np.asarray(r.params["angles"]), np.asarray(p["angles"]), atol=np.deg2rad(3.0))
     # shape in the model frame (landmarks alone leave some of it free): within 5% of the face size
-    v_true = F.face_forward(model, p, camera)["vertices_model"]
+    v_true = _render(model, p, camera)[2]
     verr = np.linalg.norm(np.asarray(r.vertices_model - v_true), axis=1).mean() / r.unit
     assert verr < 0.05, verr
     assert r.coeffs.shape == (model.num_id + model.num_exp + model.num_albedo + 38,)
@@ -93,11 +99,10 @@ def test_track_face_three_frames(model, camera):
         p = dict(p0)
         p["angles"] = p0["angles"] + jnp.array([0.0, 0.05 * t, 0.0])
         p["exp"] = p0["exp"] * (1.0 + 0.2 * t)
-        out = F.face_forward(model, p, camera)
-        img = F.render_face(model, out, camera, RasterSettings(image_size=SIZE))
+        img, lm, vm = _render(model, p, camera)
         frames.append(np.asarray(img[..., :3] + (1 - img[..., 4:5]) * 0.5))
-        lms.append(np.asarray(out["landmarks_2d"]))
-        truth.append(np.asarray(out["vertices_model"]))
+        lms.append(np.asarray(lm))
+        truth.append(np.asarray(vm))
     # the key-frame fit has a (short) photometric stage; the windows track from landmarks only
     r = F.track_face(model, np.stack(frames), np.stack(lms), camera=camera, steps=(150, 0),
                      keyframe_steps=(150, 3), num_keyframes=2,
@@ -124,10 +129,11 @@ def test_loss_jit_vmap(model, camera):
     axes = dict(camera=None, image=0, mask=0, landmarks=0, lm_weights=None, unit=None)
     f = jax.jit(jax.vmap(lambda p, d: F.face_loss(model, p, d, w, st)[0], in_axes=(0, axes)))
     batched = np.asarray(f(params, data))
+    single = jax.jit(lambda p, d: F.face_loss(model, p, d, w, st)[0])
     for i in range(2):
         di = {k: (v[i] if axes[k] == 0 else v) for k, v in data.items()}
         pi = {k: v[i] for k, v in params.items()}
-        np.testing.assert_allclose(batched[i], float(F.face_loss(model, pi, di, w, st)[0]), rtol=1e-5)
+        np.testing.assert_allclose(batched[i], float(single(pi, di)), rtol=1e-5)
     g = jax.jit(jax.grad(lambda p: jnp.sum(f(p, data))))(params)
     assert all(np.all(np.isfinite(np.asarray(x))) for x in jax.tree_util.tree_leaves(g))
 

@@ -158,7 +158,9 @@ def init_params(model: MorphableModel, camera, landmarks=None, dtype=jnp.float32
 def face_forward(model: MorphableModel, params, camera, unit=None):
     """:func:`faceverse_forward` of the fitting parameters (``translation`` in
     units of ``unit``, default the model's face size)."""
-    unit = _unit(model) if unit is None else unit
+    if unit is None:
+        lm = jnp.take(model.mean_shape, model.landmark_indices, axis=0)
+        unit = jnp.sqrt(jnp.mean(jnp.sum((lm - jnp.mean(lm, 0)) ** 2, -1)))  # = _unit(model), traceable
     p = params
     eye = jnp.zeros((4,), p["id"].dtype)
     coeffs = merge_coeffs(p["id"], p["exp"], p["tex"], p["angles"], p["gamma"], p["translation"] * unit, eye)
