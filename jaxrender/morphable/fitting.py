@@ -28,8 +28,8 @@ distance of the mean landmarks from their centroid — so one learning rate
 suits millimetres and metres alike) and ``gamma`` (27 SH coefficients).
 
 Default loss weights are Deep3DFaceRecon's (Deng et al. 2019, "Accurate 3D
-Face Reconstruction with Weakly-Supervised Learning"), which FaceVerse's
-fitting also follows; see :data:`DEFAULT_WEIGHTS`. See ``docs/faces.md``.
+Face Reconstruction with Weakly-Supervised Learning"); FaceVerse's fitting
+uses the same terms. See :data:`DEFAULT_WEIGHTS` and ``docs/faces.md``.
 """
 from __future__ import annotations
 
