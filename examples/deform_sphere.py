@@ -136,8 +136,10 @@ def main():
         faces = sphere.faces
         L = mesh_lib.uniform_laplacian(sphere.num_vertices, np.asarray(faces))
         adj = losses.flatten_loss_setup(np.asarray(faces))
-        probe = [(mesh_lib.Mesh(vertices, faces), c) for c in cams[:2]] + [(target, cams[0])]
-        settings = C.settings_for(probe, size, faces_per_pixel=6, blur=C.blur_radius(sigma), margin=2.0)
+        # Capacity from the current mesh with room for it to grow (the target, with its 20k faces,
+        # would ask for far more than the fitted mesh ever needs); checked again at the end.
+        probe = [(mesh_lib.Mesh(vertices, faces), c) for c in cams[:3]]
+        settings = C.settings_for(probe, size, faces_per_pixel=6, blur=C.blur_radius(sigma), margin=3.0)
         C.check_overflow(mesh_lib.Mesh(vertices, faces), cams[0], settings, f"level {level}, start")
 
         def loss_fn(v, d):
