@@ -66,13 +66,13 @@ def render_bands(mesh: Mesh, camera: camera_lib.Camera, settings: RasterSettings
     """
     _check_size(camera, settings)
     sv = camera_lib.project(camera, mesh.vertices)
-    face_idx, overflow, max_count, culled = select_faces(
+    face_idx, overflow, max_count, culled, truncated = select_faces(
         sv, mesh.faces, settings, znear=camera.znear, zfar=camera.zfar)
     faces = mesh.faces.astype(jnp.int32)
 
     def band(fidx, row0):
         bary, depth, dist, attrs = recompute_fragments(sv, faces, fidx, settings, vertex_attrs, row_offset=row0)
-        fr = Fragments(fidx, bary, depth, dist, overflow, max_count, culled)
+        fr = Fragments(fidx, bary, depth, dist, overflow, max_count, culled, truncated)
         return pixel_fn(fr, attrs)
 
     h, w, k = face_idx.shape
@@ -85,7 +85,7 @@ def render_bands(mesh: Mesh, camera: camera_lib.Camera, settings: RasterSettings
         offsets = (jnp.arange(nb) * rows).astype(sv.dtype)
         out = jax.lax.map(jax.checkpoint(lambda a: band(a[0], a[1])), (fpad.reshape(nb, rows, w, k), offsets))
         out = out.reshape((nb * rows,) + out.shape[2:])[:h]
-    return out, Fragments(face_idx, None, None, None, overflow, max_count, culled)
+    return out, Fragments(face_idx, None, None, None, overflow, max_count, culled, truncated)
 
 
 def _vertex_attributes(mesh: Mesh, camera, lights, shading, material):

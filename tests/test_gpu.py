@@ -44,6 +44,7 @@ def _compare(case, **backend_kw):
     (img_a, fa), (img_b, fb) = _image(sv, faces, colors, ref_s), _image(sv, faces, colors, new_s)
     np.testing.assert_array_equal(np.asarray(fa.face_idx), np.asarray(fb.face_idx))
     assert int(fa.num_overflow) == int(fb.num_overflow)
+    assert int(fa.num_truncated) == int(fb.num_truncated)
     assert float(jnp.abs(img_a - img_b).max()) <= 1e-4
     return sv, faces, colors, ref_s, new_s
 

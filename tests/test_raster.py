@@ -32,6 +32,7 @@ def reference_rasterize(sv, faces, H, W, K, blur, znear=1e-3, zfar=np.inf, persp
     depth = -np.ones((H, W, K))
     dist = -np.ones((H, W, K))
     valid = []
+    truncated = 0
     for f, (a, b, c) in enumerate(faces):
         A, B, C = sv[a], sv[b], sv[c]
         M = np.array([[B[0] - A[0], C[0] - A[0]], [B[1] - A[1], C[1] - A[1]]])
@@ -71,11 +72,13 @@ def reference_rasterize(sv, faces, H, W, K, blur, znear=1e-3, zfar=np.inf, persp
                 if (inside or sd < blur) and zz >= znear:
                     cands.append((zz, f, bb, sd))
             cands.sort(key=lambda x: (x[0], x[1]))
+            truncated += len(cands) > K
             for k, (zz, f, bb, sd) in enumerate(cands[:K]):
                 face_idx[i, j, k] = f
                 bary[i, j, k] = bb
                 depth[i, j, k] = zz
                 dist[i, j, k] = sd
+    reference_rasterize.truncated = truncated  # pixels reached by more than K faces
     return face_idx, bary, depth, dist, int(np.sum(~np.array(valid)))
 
 
@@ -115,6 +118,7 @@ def test_matches_dense_reference(x64, seed, K, blur, persp, cull):
     np.testing.assert_allclose(np.asarray(fr.depth), ref_depth, atol=1e-5)
     np.testing.assert_allclose(np.asarray(fr.dist), ref_dist, atol=1e-5)
     assert int(fr.num_culled) == ref_culled
+    assert int(fr.num_truncated) == reference_rasterize.truncated
     assert (ref_idx >= 0).sum() > 50  # the scene really covers pixels
 
 

@@ -82,7 +82,8 @@ def _pow2(n: int) -> int:
 
 
 def _kernel(starts_ref, counts_ref, faces_ref, x0_ref, y0_ref, z0_ref, x1_ref, y1_ref, z1_ref, x2_ref, y2_ref,
-            z2_ref, znear_ref, out_face_ref, out_key_ref, *, bs, nbx, k, kp, block, capacity, blur, geo):
+            z2_ref, znear_ref, out_face_ref, out_key_ref, out_reach_ref, *, bs, nbx, k, kp, block, capacity, blur,
+            geo):
     t = pl.program_id(0)
     start = starts_ref[t]
     count = jnp.minimum(counts_ref[t], capacity)
@@ -111,6 +112,8 @@ def _kernel(starts_ref, counts_ref, faces_ref, x0_ref, y0_ref, z0_ref, x1_ref, y
         _, _, _, depth, dist, inside = geometry_core(*c, px[:, None], py[:, None], **geo)
         reach = has[None, :] & (inside | (dist < blur)) & (depth >= znear)
         key = jnp.where(reach, depth, jnp.inf)  # (P, B)
+        n_reach = carry[4] + jnp.sum(reach.astype(jnp.int32), axis=1)
+        carry = carry[:4]
 
         def col(i, carry):
             sel = iota_b == i
@@ -131,17 +134,23 @@ def _kernel(starts_ref, counts_ref, faces_ref, x0_ref, y0_ref, z0_ref, x1_ref, y
         def scan_block(carry):
             return jax.lax.fori_loop(0, block, col, carry)
 
-        return jax.lax.cond(jnp.max((key < carry[2][:, None]).astype(jnp.int32)) > 0, scan_block, lambda c: c, carry)
+        carry = jax.lax.cond(jnp.max((key < carry[2][:, None]).astype(jnp.int32)) > 0, scan_block, lambda c: c, carry)
+        return carry + (n_reach,)
 
     n_blocks = (count + block - 1) // block
-    carry = (best_key, best_face) + worst(best_key, best_face)
-    best_key, best_face, _, _ = jax.lax.fori_loop(0, n_blocks, block_body, carry)
+    carry = (best_key, best_face) + worst(best_key, best_face) + (jnp.zeros((npix,), jnp.int32),)
+    best_key, best_face, _, _, n_reach = jax.lax.fori_loop(0, n_blocks, block_body, carry)
     out_face_ref[...] = best_face[None]
     out_key_ref[...] = best_key[None]
+    out_reach_ref[...] = n_reach[None]
 
 
 def select_pallas(tri, face_s, starts, counts, znear, *, settings, nby, nbx, interpret=False):
-    """Run the selection kernel. Returns ``(T, bs*bs, K)`` int32 faces sorted by (depth, face)."""
+    """Run the selection kernel.
+
+    Returns ``(faces (T, bs*bs, K) int32 sorted by (depth, face), reach (T, bs*bs) int32)``
+    where ``reach`` counts the faces that reach each pixel.
+    """
     bs = settings.resolved_bin_size
     k = settings.faces_per_pixel
     kp = _pow2(k)
@@ -163,13 +172,15 @@ def select_pallas(tri, face_s, starts, counts, znear, *, settings, nby, nbx, int
     kernel = functools.partial(
         _kernel, bs=bs, nbx=nbx, k=k, kp=kp, block=block,
         capacity=settings.resolved_max_faces_per_bin(f), blur=settings.blur_radius, geo=geo)
-    out_face, out_key = pl.pallas_call(
+    out_face, out_key, out_reach = pl.pallas_call(
         kernel,
         grid=(num_tiles,),
         out_shape=(jax.ShapeDtypeStruct((num_tiles, npix, kp), jnp.int32),
-                   jax.ShapeDtypeStruct((num_tiles, npix, kp), jnp.float32)),
+                   jax.ShapeDtypeStruct((num_tiles, npix, kp), jnp.float32),
+                   jax.ShapeDtypeStruct((num_tiles, npix), jnp.int32)),
         out_specs=(pl.BlockSpec((1, npix, kp), lambda t: (t, 0, 0)),
-                   pl.BlockSpec((1, npix, kp), lambda t: (t, 0, 0))),
+                   pl.BlockSpec((1, npix, kp), lambda t: (t, 0, 0)),
+                   pl.BlockSpec((1, npix), lambda t: (t, 0))),
         compiler_params=None if interpret else plgpu.CompilerParams(num_warps=settings.pallas_num_warps),
         interpret=interpret,
         name="jaxrender_select",
@@ -179,4 +190,4 @@ def select_pallas(tri, face_s, starts, counts, znear, *, settings, nby, nbx, int
     face = jnp.where(jnp.isfinite(key), out_face, jnp.iinfo(jnp.int32).max)
     key, face = jax.lax.sort((key, face), dimension=-1, num_keys=2)
     face = jnp.where(jnp.isfinite(key), face, -1)[..., :k]
-    return face.astype(jnp.int32)
+    return face.astype(jnp.int32), out_reach

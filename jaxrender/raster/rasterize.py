@@ -203,9 +203,9 @@ def _select_faces(tri, valid, settings: RasterSettings, znear):
         use_pallas = resolve_backend(settings.backend, settings.faces_per_pixel) == "pallas"
     if use_pallas:
         from .pallas_select import select_pallas
-        sel = select_pallas(tri, face_s, starts, counts, znear, settings=settings, nby=nby, nbx=nbx,
-                            interpret=settings.pallas_interpret)
-        return _finish_selection(sel, counts, capacity, pair_overflow, settings, nby, nbx)
+        sel, n_reach = select_pallas(tri, face_s, starts, counts, znear, settings=settings, nby=nby, nbx=nbx,
+                                     interpret=settings.pallas_interpret)
+        return _finish_selection(sel, n_reach, counts, capacity, pair_overflow, settings, nby, nbx)
 
     # Busy tiles together, so a chunk's loop length fits all its tiles.
     order = jnp.argsort(-counts)
@@ -233,7 +233,7 @@ def _select_faces(tri, valid, settings: RasterSettings, znear):
         n_blocks = (jnp.max(ccount) + block - 1) // block
 
         def body(state):
-            j, best_key, best_face = state
+            j, best_key, best_face, n_reach = state
             pos = j * block + lane  # (1, B)
             has = pos < ccount  # (C, B)
             cand = jnp.where(has, face_s[jnp.minimum(cstart + pos, budget - 1)], 0)
@@ -247,37 +247,43 @@ def _select_faces(tri, valid, settings: RasterSettings, znear):
             all_key = jnp.concatenate([best_key, key], axis=-1)
             all_face = jnp.concatenate([best_face, face], axis=-1)
             neg, idx = jax.lax.top_k(-all_key, kk)
-            return j + 1, -neg, jnp.take_along_axis(all_face, idx, axis=-1)
+            n_reach = n_reach + jnp.sum(reach, axis=-1, dtype=jnp.int32)
+            return j + 1, -neg, jnp.take_along_axis(all_face, idx, axis=-1), n_reach
 
         init = (jnp.zeros((), jnp.int32),
                 jnp.full((chunk, npix, kk), jnp.inf, tri.dtype),
-                jnp.full((chunk, npix, kk), -1, jnp.int32))
-        _, best_key, best_face = jax.lax.while_loop(lambda st: st[0] < n_blocks, body, init)
-        return jnp.where(jnp.isfinite(best_key), best_face, -1)
+                jnp.full((chunk, npix, kk), -1, jnp.int32),
+                jnp.zeros((chunk, npix), jnp.int32))
+        _, best_key, best_face, n_reach = jax.lax.while_loop(lambda st: st[0] < n_blocks, body, init)
+        return jnp.where(jnp.isfinite(best_key), best_face, -1), n_reach
 
-    sel = jax.lax.map(per_chunk, (order_p, live_p))  # (n_chunks, C, P, kk)
+    sel, n_reach = jax.lax.map(per_chunk, (order_p, live_p))  # (n_chunks, C, P, kk), (n_chunks, C, P)
     sel = sel.reshape(n_chunks * chunk, npix, kk)[:num_tiles]
+    n_reach = n_reach.reshape(n_chunks * chunk, npix)[:num_tiles]
     sel = jnp.zeros_like(sel).at[order].set(sel)  # back to tile order
-    return _finish_selection(sel, counts, capacity, pair_overflow, settings, nby, nbx)
+    n_reach = jnp.zeros_like(n_reach).at[order].set(n_reach)
+    return _finish_selection(sel, n_reach, counts, capacity, pair_overflow, settings, nby, nbx)
 
 
-def _finish_selection(sel, counts, capacity, pair_overflow, settings, nby, nbx):
-    """Per-tile ``(T, bs*bs, K)`` selections to the image and the statistics."""
+def _finish_selection(sel, n_reach, counts, capacity, pair_overflow, settings, nby, nbx):
+    """Per-tile ``(T, bs*bs, K)`` selections (and reach counts) to the image and the statistics."""
     h, w = settings.image_size
     bs, k = settings.resolved_bin_size, settings.faces_per_pixel
     img = sel.reshape(nby, nbx, bs, bs, k).transpose(0, 2, 1, 3, 4).reshape(nby * bs, nbx * bs, k)
     face_idx = img[:h, :w]
+    reach = n_reach.reshape(nby, nbx, bs, bs).transpose(0, 2, 1, 3).reshape(nby * bs, nbx * bs)[:h, :w]
+    num_truncated = jnp.sum(reach > k).astype(jnp.int32)
     num_overflow = (jnp.sum(jnp.maximum(counts - capacity, 0)) + pair_overflow).astype(jnp.int32)
     max_bin_count = jnp.max(counts).astype(jnp.int32)
-    return face_idx, num_overflow, max_bin_count
+    return face_idx, num_overflow, max_bin_count, num_truncated
 
 
 def select_faces(screen_verts, faces, settings: RasterSettings, *, znear=1e-3, zfar=jnp.inf):
     """The non-differentiable selection pass alone.
 
     Returns:
-      ``(face_idx (H, W, K) int32, num_overflow, max_bin_count, num_culled)``;
-      no gradient flows through any of them.
+      ``(face_idx (H, W, K) int32, num_overflow, max_bin_count, num_culled,
+      num_truncated)``; no gradient flows through any of them.
     """
     check_shape(screen_verts, "screen_verts", (None, 3))
     check_float(screen_verts, "screen_verts")
@@ -289,14 +295,14 @@ def select_faces(screen_verts, faces, settings: RasterSettings, *, znear=1e-3, z
     k = settings.faces_per_pixel
     zero = jnp.zeros((), jnp.int32)
     if faces.shape[0] == 0:
-        return jnp.full((h, w, k), -1, jnp.int32), zero, zero, zero
+        return jnp.full((h, w, k), -1, jnp.int32), zero, zero, zero, zero
     dtype = screen_verts.dtype
     znear = jax.lax.stop_gradient(jnp.asarray(znear, dtype))
     zfar = jax.lax.stop_gradient(jnp.asarray(zfar, dtype))
     tri = jax.lax.stop_gradient(screen_verts)[faces]
     valid = face_validity(tri, settings, znear, zfar)
-    face_idx, num_overflow, max_bin_count = _select_faces(tri, valid, settings, znear)
-    return face_idx, num_overflow, max_bin_count, jnp.sum(~valid).astype(jnp.int32)
+    face_idx, num_overflow, max_bin_count, num_truncated = _select_faces(tri, valid, settings, znear)
+    return face_idx, num_overflow, max_bin_count, jnp.sum(~valid).astype(jnp.int32), num_truncated
 
 
 def rasterize(screen_verts, faces, settings: RasterSettings, *, znear=1e-3, zfar=jnp.inf, vertex_attrs=None):
@@ -329,7 +335,7 @@ def rasterize(screen_verts, faces, settings: RasterSettings, *, znear=1e-3, zfar
     Under ``jax.vmap`` this batches over meshes (or cameras) that share
     ``faces`` and ``settings``.
     """
-    face_idx, num_overflow, max_bin_count, num_culled = select_faces(
+    face_idx, num_overflow, max_bin_count, num_culled, num_truncated = select_faces(
         screen_verts, faces, settings, znear=znear, zfar=zfar)
     faces = faces.astype(jnp.int32)
     if vertex_attrs is not None:
@@ -342,7 +348,8 @@ def rasterize(screen_verts, faces, settings: RasterSettings, *, znear=1e-3, zfar
     else:
         bary, depth, dist, attrs = recompute_fragments(screen_verts, faces, face_idx, settings, vertex_attrs)
     fr = Fragments(face_idx=face_idx, bary=bary, depth=depth, dist=dist,
-                   num_overflow=num_overflow, max_bin_count=max_bin_count, num_culled=num_culled)
+                   num_overflow=num_overflow, max_bin_count=max_bin_count, num_culled=num_culled,
+                   num_truncated=num_truncated)
     return fr if vertex_attrs is None else (fr, attrs)
 
 

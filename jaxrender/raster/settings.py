@@ -196,6 +196,11 @@ class Fragments(eqx.Module):
         had; ``max_faces_per_bin`` at least this large avoids overflow.
       num_culled: int32 scalar, faces removed before binning (near/far rule,
         back faces when culling, zero-area faces).
+      num_truncated: int32 scalar, the number of pixels that more than ``K``
+        faces reach: there only the ``K`` nearest are kept, so the image can
+        jump when the depth order of the others changes. Raise
+        ``faces_per_pixel`` until it is zero (or small) for smooth soft
+        gradients; hard rasterization (``K = 1``) truncates by design.
     """
 
     face_idx: Array
@@ -205,6 +210,7 @@ class Fragments(eqx.Module):
     num_overflow: Array
     max_bin_count: Array
     num_culled: Array
+    num_truncated: Array = None
 
     @property
     def mask(self) -> Array:
