@@ -30,6 +30,7 @@ import numpy as np
 
 from jaxrender._checks import check_shape
 from jaxrender.mesh import SparseMatrix, cotangent_laplacian, edges as mesh_edges, laplacian_apply, uniform_laplacian
+from jaxrender.mesh import _safe_norm as _mesh_safe_norm, _safe_normalize, _tiny  # one copy of the safe norms
 
 __all__ = [
     "mse",
@@ -55,21 +56,9 @@ def _float(x):
     return x
 
 
-def _tiny(dtype) -> float:
-    return float(np.sqrt(np.finfo(np.dtype(dtype)).tiny))
-
-
-def _safe_norm(x, axis=-1):
-    """Euclidean norm with a finite (zero) gradient at the zero vector."""
-    sq = jnp.sum(x * x, axis=axis)
-    ok = sq > _tiny(x.dtype)
-    return jnp.where(ok, jnp.sqrt(jnp.where(ok, sq, 1.0)), 0.0)
-
-
-def _safe_normalize(x):
-    sq = jnp.sum(x * x, axis=-1, keepdims=True)
-    ok = sq > _tiny(x.dtype)
-    return jnp.where(ok, x / jnp.sqrt(jnp.where(ok, sq, 1.0)), 0.0)
+def _safe_norm(x):
+    """Euclidean norm over the last axis with a finite (zero) gradient at the zero vector."""
+    return _mesh_safe_norm(x)[0]
 
 
 def _reduce(err, mask, reduction, name):
