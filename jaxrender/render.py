@@ -131,12 +131,23 @@ def _split(attrs, names):
     return out
 
 
-def _shade(mesh: Mesh, fragments: Fragments, interp: dict, camera, lights, shading, material, sh_layout, sh_offset):
+def _face_attributes(mesh: Mesh, shading):
+    """Per-face values the shading needs, computed once (not once per band)."""
+    out = {}
     if mesh.texture is not None:
         if mesh.uvs is None:
             raise ValueError("mesh.texture is set but mesh.uvs is None: a texture needs UV coordinates")
         face_uvs = mesh.face_uvs if mesh.face_uvs is not None else mesh.faces
-        albedo = sample_texture(mesh.texture, interpolate_face_attrs(mesh.uvs[face_uvs], fragments))
+        out["corner_uvs"] = mesh.uvs[face_uvs]  # (F, 3, 2)
+    if shading == "flat":
+        out["face_normals"] = face_normals(mesh.vertices, mesh.faces)
+    return out
+
+
+def _shade(mesh: Mesh, fragments: Fragments, interp: dict, per_face: dict, camera, lights, shading, material,
+           sh_layout, sh_offset):
+    if "corner_uvs" in per_face:
+        albedo = sample_texture(mesh.texture, interpolate_face_attrs(per_face["corner_uvs"], fragments))
     elif "albedo" in interp:
         albedo = interp["albedo"]
     else:
@@ -152,7 +163,7 @@ def _shade(mesh: Mesh, fragments: Fragments, interp: dict, camera, lights, shadi
     lights = default_lights() if lights is None else lights
     eye = camera_lib.camera_center(camera)
     if shading == "flat":
-        n = face_normals(mesh.vertices, mesh.faces)[jnp.maximum(fragments.face_idx, 0)]
+        n = per_face["face_normals"][jnp.maximum(fragments.face_idx, 0)]
     else:
         n = interp["normals"]
     return phong_shading(interp["points"], n, albedo, lights, material, eye)
@@ -181,7 +192,8 @@ def shade_fragments(mesh: Mesh, fragments: Fragments, camera: camera_lib.Camera,
     """
     attrs, names = _vertex_attributes(mesh, camera, lights, shading, material)
     interp = {} if attrs is None else _split(interpolate(attrs, mesh.faces, fragments), names)
-    return _shade(mesh, fragments, interp, camera, lights, shading, material, sh_layout, sh_offset)
+    return _shade(mesh, fragments, interp, _face_attributes(mesh, shading), camera, lights, shading, material,
+                  sh_layout, sh_offset)
 
 
 def render_mesh(mesh: Mesh, camera: camera_lib.Camera, lights=None, settings: Union[RasterSettings, None] = None, *,
@@ -216,10 +228,11 @@ def render_mesh(mesh: Mesh, camera: camera_lib.Camera, lights=None, settings: Un
     settings = RasterSettings(image_size=(camera.height, camera.width)) if settings is None else settings
     blend = BlendParams() if blend is None else blend
     attrs, names = _vertex_attributes(mesh, camera, lights, shading, material)
+    per_face = _face_attributes(mesh, shading)
 
     def pixels(fr, packed):
         interp = {} if packed is None else _split(packed, names)
-        colors = _shade(mesh, fr, interp, camera, lights, shading, material, sh_layout, sh_offset)
+        colors = _shade(mesh, fr, interp, per_face, camera, lights, shading, material, sh_layout, sh_offset)
         if hard:
             return hard_rgb_blend(colors, fr, blend.background)
         return softmax_rgb_blend(colors, fr, blend, camera.znear, camera.zfar)
