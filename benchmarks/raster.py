@@ -62,21 +62,21 @@ def scene(name):
     return verts, colors, jnp.asarray(m.faces), cam, size
 
 
-def workload(kind, size, capacity, bin_size, backend=None):
+def workload(kind, size, capacity, bin_size, backend=None, **extra):
     lights = (AmbientLight(0.5), PointLight(position=(0.0, 0.0, 3.0), color=0.3, specular_color=0.2))
     if kind == "soft_rgb_k10":
         s = jr.RasterSettings(image_size=size, faces_per_pixel=10, blur_radius=BLUR,
-                              max_faces_per_bin=capacity, bin_size=bin_size, backend=backend)
+                              max_faces_per_bin=capacity, bin_size=bin_size, backend=backend, **extra)
     elif kind == "soft_sil_k50":
         s = jr.RasterSettings(image_size=size, faces_per_pixel=50, blur_radius=BLUR,
-                              max_faces_per_bin=capacity, bin_size=bin_size, backend=backend)
+                              max_faces_per_bin=capacity, bin_size=bin_size, backend=backend, **extra)
     elif kind.startswith("select_k"):
         k = int(kind[len("select_k"):])
         s = jr.RasterSettings(image_size=size, faces_per_pixel=k, blur_radius=BLUR if k > 1 else 0.0,
-                              max_faces_per_bin=capacity, bin_size=bin_size, backend=backend)
+                              max_faces_per_bin=capacity, bin_size=bin_size, backend=backend, **extra)
     elif kind == "hard_k1":
         s = jr.RasterSettings(image_size=size, faces_per_pixel=1, blur_radius=0.0,
-                              max_faces_per_bin=capacity, bin_size=bin_size, backend=backend)
+                              max_faces_per_bin=capacity, bin_size=bin_size, backend=backend, **extra)
     else:
         raise ValueError(kind)
 
@@ -122,9 +122,9 @@ def time_fn(fn, args, repeats):
     return (statistics.median(times) if times else float("nan")), compile_s, out
 
 
-def run(scene_name, kind, repeats, capacity, bin_size, backend=None, fwd_bwd_only=False):
+def run(scene_name, kind, repeats, capacity, bin_size, backend=None, fwd_bwd_only=False, **extra):
     verts, colors, faces, cam, size = scene(scene_name)
-    s, render_one = workload(kind, size, capacity, bin_size, backend)
+    s, render_one = workload(kind, size, capacity, bin_size, backend, **extra)
     w = jnp.asarray(np.random.default_rng(1).normal(size=(verts.shape[0], size, size, 4 if kind in ("soft_rgb_k10", "hard_k1") else 1)),
                     jnp.float32)
 
@@ -166,7 +166,13 @@ def main(argv=None):
     p.add_argument("--out", default=None, help="write JSON results here")
     p.add_argument("--fwd-bwd-only", action="store_true", help="time only forward+backward (memory runs)")
     p.add_argument("--backend", default=None, choices=["xla", "pallas", "auto"], help="selection-pass backend")
+    p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                   help="extra RasterSettings field, e.g. --set pallas_num_warps=8 (repeatable)")
     a = p.parse_args(argv)
+    extra = {}
+    for kv in a.set:
+        field, value = kv.split("=", 1)
+        extra[field] = json.loads(value) if value[:1].isdigit() or value in ("true", "false") else value
     if a.scenes == "small":
         scenes = ["small_256_b1", "small_256_b32"]
     elif a.scenes == "all":
@@ -182,7 +188,8 @@ def main(argv=None):
     rows = []
     for sc in scenes:
         for wl in a.workloads.split(","):
-            r = run(sc, wl, a.repeats, a.capacity, a.bin_size, a.backend, a.fwd_bwd_only)
+            r = run(sc, wl, a.repeats, a.capacity, a.bin_size, a.backend, a.fwd_bwd_only, **extra)
+            r.update(settings=extra)
             r.update(meta)
             rows.append(r)
             print(f"| {sc} | {wl} | {r['backend']} | {r['fwd_ms']:.2f} | {r['fwd_bwd_ms']:.2f} | {r['peak_bytes'] / 2**20:.0f} MiB "

@@ -17,7 +17,8 @@ from . import camera as camera_lib
 from .blend import BlendParams, depth_blend, hard_rgb_blend, sigmoid_alpha_blend, softmax_rgb_blend
 from .lighting import AmbientLight, Material, PointLight, phong_shading, sh_shading
 from .mesh import Mesh, face_normals, vertex_normals
-from .raster import Fragments, RasterSettings, interpolate, interpolate_face_attrs, rasterize, recompute_fragments, select_faces
+from .raster import (Fragments, RasterSettings, gather_rows, interpolate, interpolate_face_attrs, rasterize,
+                     recompute_fragments, select_faces)
 from .texture import sample_texture
 
 Array = jax.Array
@@ -163,7 +164,7 @@ def _shade(mesh: Mesh, fragments: Fragments, interp: dict, per_face: dict, camer
     lights = default_lights() if lights is None else lights
     eye = camera_lib.camera_center(camera)
     if shading == "flat":
-        n = per_face["face_normals"][jnp.maximum(fragments.face_idx, 0)]
+        n = gather_rows(per_face["face_normals"], fragments.face_idx)
     else:
         n = interp["normals"]
     return phong_shading(interp["points"], n, albedo, lights, material, eye)

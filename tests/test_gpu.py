@@ -19,6 +19,7 @@ CASES = [  # seed, K, blur, perspective, cull, bin, capacity
     (3, 2, 1e-2, True, True, 8, None),
     (4, 1, 0.0, True, False, 16, None),
     (5, 10, 2e-2, True, False, 8, 6),  # overflowing tiles
+    (100, 3, 1e-2, True, False, 8, None),  # deep stacks: the kernel's early exit ends every tile
 ]
 
 
@@ -33,9 +34,18 @@ def _image(sv, faces, colors, s):
     return jnp.concatenate([img, sigmoid_alpha_blend(fr, 1e-2)[..., None]], -1), fr
 
 
+def stacked_scene(seed, F=40, H=20, W=28):
+    """``F`` screen-filling triangles at shuffled, tilted depths: every pixel is reached by all of them."""
+    rng = np.random.default_rng(seed)
+    xy = np.array([[-30.0, -30.0], [3 * W + 30, -30.0], [-30.0, 3 * H + 30]])
+    z = rng.permutation(np.linspace(1.0, 5.0, F))[:, None] + rng.uniform(0, 0.3, (F, 3))
+    sv = np.concatenate([np.broadcast_to(xy, (F, 3, 2)), z[..., None]], -1).reshape(-1, 3)
+    return sv, np.arange(3 * F, dtype=np.int32).reshape(F, 3)
+
+
 def _compare(case, **backend_kw):
     seed, K, blur, persp, cull, bs, cap = case
-    sv, faces = random_scene(seed, H=20, W=28)
+    sv, faces = (stacked_scene if seed >= 100 else random_scene)(seed, H=20, W=28)
     sv = jnp.asarray(sv, jnp.float32)
     faces = jnp.asarray(faces)
     colors = jnp.asarray(np.random.default_rng(seed).uniform(size=(sv.shape[0], 3)), jnp.float32)
@@ -49,7 +59,7 @@ def _compare(case, **backend_kw):
     return sv, faces, colors, ref_s, new_s
 
 
-@pytest.mark.parametrize("case", CASES[1:2])
+@pytest.mark.parametrize("case", [CASES[1], CASES[-1]])
 def test_pallas_interpret_matches_xla(case):
     _compare(case, pallas_interpret=True, pallas_block=8)
 
@@ -76,5 +86,6 @@ def test_pallas_matches_xla_images_and_gradients(case):
 def test_auto_backend_picks_pallas_on_gpu():
     from jaxrender.raster.pallas_select import resolve_backend
     assert resolve_backend(None, 1) == "pallas"
-    assert resolve_backend(None, 10) == "xla"  # measured slower for soft rasterization
-    assert resolve_backend("pallas", 10) == "pallas"
+    assert resolve_backend(None, 50) == "pallas"
+    assert resolve_backend(None, 65) == "xla"  # beyond MAX_PALLAS_K the lists would spill registers
+    assert resolve_backend("pallas", 100) == "pallas"

@@ -98,17 +98,22 @@ def random_scene(seed, F=30, H=20, W=28):
     return sv.astype(np.float64), faces.astype(np.int32)
 
 
-@pytest.mark.parametrize("seed,K,blur,persp,cull", [
-    (0, 4, 0.0, True, False),
-    (1, 3, 2e-2, True, False),
-    (2, 5, 5e-2, False, False),
-    (3, 2, 1e-2, True, True),
+@pytest.mark.parametrize("seed,K,blur,persp,cull,F,block", [
+    (0, 4, 0.0, True, False, 30, None),
+    (1, 3, 2e-2, True, False, 30, None),
+    (2, 5, 5e-2, False, False, 30, None),
+    (3, 2, 1e-2, True, True, 30, None),
+    # lists merged across many small candidate blocks (insertion path)
+    (6, 6, 5e-2, True, False, 60, 3),
+    # K above the insertion limit: the top_k merge path
+    (7, 66, 5e-2, True, False, 80, None),
 ])
-def test_matches_dense_reference(x64, seed, K, blur, persp, cull):
+def test_matches_dense_reference(x64, seed, K, blur, persp, cull, F, block):
     H, W = 20, 28
-    sv, faces = random_scene(seed, H=H, W=W)
+    sv, faces = random_scene(seed, F=F, H=H, W=W)
     s = RasterSettings(image_size=(H, W), faces_per_pixel=K, blur_radius=blur, bin_size=8,
-                       max_faces_per_bin=64, perspective_correct=persp, cull_backfaces=cull)
+                       max_faces_per_bin=128, perspective_correct=persp, cull_backfaces=cull,
+                       candidate_block=block)
     fr = jax.jit(rasterize, static_argnums=2)(jnp.asarray(sv), jnp.asarray(faces), s)
     ref_idx, ref_bary, ref_depth, ref_dist, ref_culled = reference_rasterize(
         sv, faces, H, W, K, blur, perspective=persp, cull_back=cull)
@@ -290,3 +295,23 @@ def test_jit_vmap_over_vertices():
         np.testing.assert_array_equal(np.asarray(fb.face_idx[b]), np.asarray(f1.face_idx))
         np.testing.assert_allclose(np.asarray(fb.dist[b]), np.asarray(f1.dist), atol=1e-6)
     assert fb.num_overflow.shape == (2,)
+
+
+def test_gather_rows_drops_empty_rows_in_backward(x64):
+    from jaxrender.raster import gather_rows
+    rng = np.random.default_rng(0)
+    table = jnp.asarray(rng.normal(size=(5, 2, 3)))
+    idx = jnp.asarray([[0, -1, 4], [2, 2, -1]])
+    w = jnp.asarray(rng.normal(size=(2, 3, 2, 3)))
+    np.testing.assert_array_equal(np.asarray(gather_rows(table, idx)), np.asarray(table)[np.maximum(idx, 0)])
+    f = lambda t: jnp.sum(jnp.where((idx >= 0)[..., None, None], gather_rows(t, idx), 0.0) * w)
+    g = jax.grad(f)(table)
+    ref = np.zeros((5, 2, 3))
+    for (i, j), r in np.ndenumerate(np.asarray(idx)):
+        if r >= 0:
+            ref[r] += np.asarray(w)[i, j]
+    np.testing.assert_allclose(np.asarray(g), ref, atol=1e-12)
+    # rows of idx = -1 never reach row 0, even with a nonzero cotangent
+    g_raw = jax.grad(lambda t: jnp.sum(gather_rows(t, idx) * w))(table)
+    np.testing.assert_allclose(np.asarray(g_raw), ref, atol=1e-12)
+    assert jax.jit(jax.vmap(gather_rows, in_axes=(None, 0)))(table, idx).shape == (2, 3, 2, 3)

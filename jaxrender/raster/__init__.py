@@ -3,6 +3,7 @@ from .settings import Fragments, RasterSettings
 from .rasterize import (
     face_validity,
     fragment_geometry,
+    gather_rows,
     interpolate,
     interpolate_face_attrs,
     rasterize,
@@ -12,5 +13,5 @@ from .rasterize import (
 
 __all__ = [
     "Fragments", "RasterSettings", "rasterize", "interpolate", "interpolate_face_attrs",
-    "fragment_geometry", "face_validity", "recompute_fragments", "select_faces",
+    "fragment_geometry", "face_validity", "gather_rows", "recompute_fragments", "select_faces",
 ]

@@ -131,13 +131,15 @@ def face_validity(tri, settings: RasterSettings, znear, zfar):
     return valid
 
 
-def _bin_faces(tri, valid, settings: RasterSettings, num_bins_y: int, num_bins_x: int):
+def _bin_faces(tri, valid, settings: RasterSettings, num_bins_y: int, num_bins_x: int, depth_order: bool = False):
     """Tile binning with static shapes, by sorting (tile, face) pairs.
 
     Every surviving face emits one pair per tile its grown bounding box
     touches (at most ``max_tile_pairs`` pairs in all); the pairs are sorted by
     tile, then face, so each tile's candidates are a contiguous run in face
-    order.
+    order — or, with ``depth_order``, by tile, then the face's nearest vertex
+    depth, then face (if a tile can overflow, its first ``max_faces_per_bin``
+    faces in face order come first, so both orders keep the same faces).
 
     Returns:
       ``(faces_sorted (P,) int32, starts (T,) int32, counts (T,) int32,
@@ -162,18 +164,39 @@ def _bin_faces(tri, valid, settings: RasterSettings, num_bins_y: int, num_bins_x
     num_faces = tri.shape[0]
     num_tiles = num_bins_y * num_bins_x
     budget = settings.resolved_max_tile_pairs(num_faces, num_tiles)
-    ends = jnp.cumsum(n, dtype=jnp.int32)
+    capacity = settings.resolved_max_faces_per_bin(num_faces)
+    # Pairs are generated face by face, so one *stable* sort on the tile
+    # alone (a radix sort on GPUs, much faster than a two-key comparison
+    # sort) leaves each tile's run in generation order. That order is the
+    # face index, or — for depth order when no tile can overflow — the
+    # faces sorted by their nearest vertex depth.
+    gen = None
+    if depth_order and capacity >= num_faces:
+        gen = jnp.argsort(jnp.min(tri[..., 2], axis=1), stable=True).astype(jnp.int32)
+    n_g = n if gen is None else n[gen]
+    ends = jnp.cumsum(n_g, dtype=jnp.int32)
     total = ends[-1]
-    p = jnp.arange(budget, dtype=jnp.int32)
-    f = jnp.minimum(jnp.searchsorted(ends, p, side="right", method="sort").astype(jnp.int32), num_faces - 1)
-    local = p - (ends[f] - n[f])
+    # (+ min(total, 0) = + 0: keeps XLA from constant-folding the search over a constant iota at compile time)
+    p = jnp.arange(budget, dtype=jnp.int32) + jnp.minimum(total, 0)
+    g = jnp.minimum(jnp.searchsorted(ends, p, side="right", method="scan_unrolled").astype(jnp.int32),
+                    num_faces - 1)
+    f = g if gen is None else gen[g]
+    local = p - (ends[g] - n_g[g])
     nxf = jnp.maximum(nx[f], 1)
     tile = (ty0[f] + local // nxf) * num_bins_x + tx0[f] + local % nxf
     tile = jnp.where(p < total, tile, num_tiles)  # unused slots sort last
-    tile_s, face_s = jax.lax.sort((tile, f), num_keys=2)
+    tile_s, face_s = jax.lax.sort((tile, f), num_keys=1, is_stable=True)
     bounds = jnp.searchsorted(tile_s, jnp.arange(num_tiles + 1, dtype=jnp.int32), side="left",
-                              method="sort").astype(jnp.int32)
+                              method="scan_unrolled").astype(jnp.int32)
     starts, counts = bounds[:-1], bounds[1:] - bounds[:-1]
+    if depth_order and gen is None:
+        # A tile may overflow: re-sort each run by nearest vertex depth, the
+        # first ``capacity`` faces in face order first (the ones the face-
+        # ordered path keeps), the dropped ones after them.
+        rank = jnp.arange(budget, dtype=jnp.int32) - starts[jnp.minimum(tile_s, num_tiles - 1)]
+        dropped = (rank >= capacity).astype(jnp.int32)
+        zmin = jnp.min(tri[..., 2], axis=1)[face_s]
+        *_, face_s = jax.lax.sort((tile_s, dropped, zmin, face_s), num_keys=4)
     return face_s.astype(jnp.int32), starts, counts, jnp.maximum(total - budget, 0).astype(jnp.int32)
 
 
@@ -191,20 +214,23 @@ def _select_faces(tri, valid, settings: RasterSettings, znear):
     bs = settings.resolved_bin_size
     nby, nbx = -(-h // bs), -(-w // bs)
     num_tiles = nby * nbx
-    face_s, starts, counts, pair_overflow = _bin_faces(tri, valid, settings, nby, nbx)
+    use_pallas = settings.pallas_interpret
+    if not use_pallas and tri.dtype == jnp.float32:
+        from .pallas_select import resolve_backend
+        use_pallas = resolve_backend(settings.backend, settings.faces_per_pixel) == "pallas"
+    # A face's depth at a pixel it reaches is a convex combination of its
+    # vertex depths unless unclipped barycentrics extrapolate it (blur > 0).
+    depth_exit = use_pallas and (settings.blur_radius == 0.0 or settings.resolved_clip_barycentrics)
+    face_s, starts, counts, pair_overflow = _bin_faces(tri, valid, settings, nby, nbx, depth_order=depth_exit)
     budget = face_s.shape[0]
     capacity = settings.resolved_max_faces_per_bin(tri.shape[0])
     npix = bs * bs
     block = settings.resolved_candidate_block
 
-    use_pallas = settings.pallas_interpret
-    if not use_pallas and tri.dtype == jnp.float32:
-        from .pallas_select import resolve_backend
-        use_pallas = resolve_backend(settings.backend, settings.faces_per_pixel) == "pallas"
     if use_pallas:
         from .pallas_select import select_pallas
         sel, n_reach = select_pallas(tri, face_s, starts, counts, znear, settings=settings, nby=nby, nbx=nbx,
-                                     interpret=settings.pallas_interpret)
+                                     depth_exit=depth_exit, interpret=settings.pallas_interpret)
         return _finish_selection(sel, n_reach, counts, capacity, pair_overflow, settings, nby, nbx)
 
     # Busy tiles together, so a chunk's loop length fits all its tiles.
@@ -353,6 +379,36 @@ def rasterize(screen_verts, faces, settings: RasterSettings, *, znear=1e-3, zfar
     return fr if vertex_attrs is None else (fr, attrs)
 
 
+@jax.custom_vjp
+def gather_rows(table, idx):
+    """``table[max(idx, 0)]`` for ``(N, C)`` ``table``; rows with ``idx < 0`` are "no row".
+
+    The backward pass scatter-adds the cotangent rows into the table but
+    *drops* those of ``idx < 0`` instead of adding their zeros into row 0:
+    empty fragments are often half of all (every background pixel, every
+    unused one of the K slots), and as atomic adds onto one address they
+    serialise the whole scatter on GPUs.
+    """
+    return table[jnp.maximum(idx, 0)]
+
+
+def _gather_rows_fwd(table, idx):
+    # A zero-width array carries the table's row count and dtype to the backward pass.
+    return gather_rows(table, idx), (idx, jnp.zeros(table.shape[:1] + (0,), table.dtype))
+
+
+def _gather_rows_bwd(res, ct):
+    idx, proto = res
+    n = proto.shape[0]
+    dropped = jnp.where(idx >= 0, idx, n).reshape(-1)  # out of range: skipped by FILL_OR_DROP
+    g = jnp.zeros((n,) + ct.shape[idx.ndim:], proto.dtype)
+    g = g.at[dropped].add(ct.reshape((-1,) + ct.shape[idx.ndim:]).astype(proto.dtype), mode="drop")
+    return g, None
+
+
+gather_rows.defvjp(_gather_rows_fwd, _gather_rows_bwd)
+
+
 def recompute_fragments(screen_verts, faces, face_idx, settings: RasterSettings, vertex_attrs=None, row_offset=0):
     """The differentiable pass: geometry (and attributes) of the kept fragments.
 
@@ -380,7 +436,7 @@ def recompute_fragments(screen_verts, faces, face_idx, settings: RasterSettings,
     packed = screen_verts if vertex_attrs is None else jnp.concatenate(
         [screen_verts, vertex_attrs.astype(dtype)], axis=-1)
     corners = packed[faces]  # (F, 3, 3 + C)
-    frag = corners.reshape(faces.shape[0], 3 * packed.shape[-1])[jnp.maximum(face_idx, 0)]  # (H, W, K, 3 * (3 + C))
+    frag = gather_rows(corners.reshape(faces.shape[0], 3 * packed.shape[-1]), face_idx)  # (H, W, K, 3 * (3 + C))
     frag = frag.reshape(face_idx.shape + (3, packed.shape[-1]))
     py = (jnp.arange(h, dtype=dtype) + 0.5 + row_offset)[:, None, None]
     px = (jnp.arange(w, dtype=dtype) + 0.5)[None, :, None]
@@ -431,7 +487,7 @@ def interpolate_face_attrs(face_vertex_attrs, fragments: Fragments):
     nf, _, c = face_vertex_attrs.shape
     if nf == 0:
         return jnp.zeros(fragments.face_idx.shape + (c,), face_vertex_attrs.dtype)
-    attrs = face_vertex_attrs.reshape(nf, 3 * c)[jnp.maximum(fragments.face_idx, 0)]
+    attrs = gather_rows(face_vertex_attrs.reshape(nf, 3 * c), fragments.face_idx)
     attrs = attrs.reshape(fragments.face_idx.shape + (3, c))  # (H, W, K, 3, C)
     bary = jnp.where(mask[..., None], fragments.bary, 0.0).astype(attrs.dtype)
     out = jnp.einsum("hwkv,hwkvc->hwkc", bary, attrs)

@@ -41,12 +41,12 @@ class RasterSettings(eqx.Module):
         would have been enough). ``None``: no per-tile limit (only
         ``max_tile_pairs`` bounds the work).
       backend: the selection pass's implementation: ``None`` / ``"auto"``
-        (the Pallas GPU kernel for hard rasterization, ``K = 1``, on a CUDA
-        GPU when available and the inputs are float32; else XLA), ``"xla"`` (the reference, runs everywhere) or
+        (the Pallas GPU kernel for ``K <= 64`` on a CUDA GPU when Pallas'
+        Triton backend is available and the inputs are float32; else XLA), ``"xla"`` (the reference, runs everywhere) or
         ``"pallas"``. Both select the same faces; the differentiable part is
         XLA in both.
-      pallas_block, pallas_num_warps: the GPU kernel's candidates per step
-        and Triton warps per program.
+      pallas_block, pallas_num_warps: the GPU kernel's candidates between
+        two checks of its early exit, and Triton warps per program.
       max_fragments_per_band: the ``render_*`` functions shade and blend
         the image in bands of rows holding at most this many fragments
         (``rows * W * K``), each rematerialized in the backward pass, so the
