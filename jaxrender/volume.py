@@ -426,24 +426,26 @@ def trilinear_sample(grid_values, coords):
 # --------------------------------------------------------------------------------------
 
 
-def _exclusive_cumprod(x):
-    """``out[..., i] = prod_{j<i} x[..., j]`` along the last axis."""
+def _exclusive_cumprod(x, axis=-1):
+    """``out[i] = prod_{j<i} x[j]`` along ``axis``."""
+    x = jnp.moveaxis(x, axis, -1)
     ones = jnp.ones_like(x[..., :1])
-    return jnp.cumprod(jnp.concatenate([ones, x[..., :-1]], -1), axis=-1)
+    return jnp.moveaxis(jnp.cumprod(jnp.concatenate([ones, x[..., :-1]], -1), axis=-1), -1, axis)
 
 
-def _weights_opacity(densities, deltas, mode, eps):
+def _weights_opacity(densities, deltas, mode, eps, axis=-1):
+    """Per-sample weights and ray opacity; samples run along ``axis``."""
     if mode == "pytorch3d":
         alpha = densities
-        trans = _exclusive_cumprod((1 + eps) - alpha)
+        trans = _exclusive_cumprod((1 + eps) - alpha, axis)
         weights = alpha * trans
-        opacity = 1 - jnp.prod(1 - alpha, axis=-1)
+        opacity = 1 - jnp.prod(1 - alpha, axis=axis)
     elif mode == "physical":
         tau = densities * deltas
-        acc = jnp.cumsum(tau, axis=-1)
+        acc = jnp.cumsum(tau, axis=axis)
         alpha = -jnp.expm1(-tau)
         weights = alpha * jnp.exp(-(acc - tau))
-        opacity = -jnp.expm1(-acc[..., -1])
+        opacity = -jnp.expm1(-jnp.take(acc, -1, axis=axis))
     else:
         raise ValueError(f"mode must be 'pytorch3d' or 'physical' for compositing, got {mode!r}")
     return weights, opacity
@@ -780,18 +782,24 @@ def _march_chunk_world(table, o_vox, d_vox, d_norm, dyn, n_samples, mode, eps, n
     R = o_vox.shape[0]
     dtype = table.dtype
     t, deltas = ray_depths(n_samples, near, far, key=key, shape=(R,), dtype=dtype)
-    coords = o_vox[:, None, :] + t[..., None] * d_vox[:, None, :]
+    # Sample-major layout (S, R, ...): the sums and products over samples
+    # reduce the leading axis, which XLA does with coalesced reads (reducing
+    # the middle axis of (R, S, C) ran ~4x slower on an H200), and the
+    # scatter of the backward pass visits neighbouring rays, not one ray's
+    # consecutive samples.
+    t, deltas = t.T, deltas.T
+    coords = o_vox[None, :, :] + t[..., None] * d_vox[None, :, :]
     vals = _sample_padded(table, coords.reshape(-1, 3))
-    vals = checkpoint_name(vals.reshape(R, n_samples, table.shape[-1]), _SAMPLES_NAME)
+    vals = checkpoint_name(vals.reshape(n_samples, R, table.shape[-1]), _SAMPLES_NAME)
     dens = vals[..., 0]
     if mode == "absorption":
-        return {"opacity": 1 - jnp.prod(1 - dens, axis=-1)}
+        return {"opacity": 1 - jnp.prod(1 - dens, axis=0)}
     if mode == "physical":
-        deltas = deltas * d_norm[:, None]
-    weights, opacity = _weights_opacity(dens, deltas, mode, eps)
-    out = {"opacity": opacity, "depth": jnp.sum(weights * t, -1)}
+        deltas = deltas * d_norm[None, :]
+    weights, opacity = _weights_opacity(dens, deltas, mode, eps, axis=0)
+    out = {"opacity": opacity, "depth": jnp.sum(weights * t, 0)}
     if n_feat:
-        out["rgb"] = jnp.einsum("rs,rsc->rc", weights, vals[..., 1:])
+        out["rgb"] = jnp.sum(weights[..., None] * vals[..., 1:], 0)
     if return_weights:
-        out["weights"] = weights
+        out["weights"] = weights.T
     return out
