@@ -33,3 +33,20 @@ LANDMARKS = [
 ]
 
 assert len(LANDMARKS) == 68
+
+
+def load(size, crop=(0, 0, 512)):
+    """The astronaut photo (sRGB in ``[0, 1]``) and these landmarks, cropped and resized.
+
+    ``crop`` is ``(row, col, side)`` of a square of the 512² image; it is
+    resized to ``size``² and the landmarks are mapped to its pixel coordinates.
+    """
+    import numpy as np
+    from skimage import data
+    from skimage.transform import resize
+
+    r0, c0, side = crop
+    img = data.astronaut()[r0:r0 + side, c0:c0 + side].astype(np.float32) / 255.0
+    img = resize(img, (size, size), anti_aliasing=True).astype(np.float32)
+    lm = (np.asarray(LANDMARKS, np.float32) - np.array([c0, r0], np.float32)) * (size / side)
+    return img, lm

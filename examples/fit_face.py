@@ -30,6 +30,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _common as C  # noqa: E402  (sets sys.path for jaxrender)
+import astronaut_landmarks  # noqa: E402
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -141,20 +142,6 @@ def synthetic(args):
                            "image_size": size, "vertices": model.num_vertices, "steps": list(steps)})
 
 
-def load_astronaut(size):
-    from skimage import data
-    from skimage.transform import resize
-
-    from astronaut_landmarks import LANDMARKS
-
-    img = data.astronaut().astype(np.float32) / 255.0
-    lm = np.asarray(LANDMARKS, np.float32)
-    crop = (0, 0, 512)  # (row, col, side) of the square used
-    s = size / crop[2]
-    img = resize(img, (size, size), anti_aliasing=True).astype(np.float32)
-    return img, lm * s
-
-
 def draw_points(img, pts, color, r=1):
     img = img.copy()
     H, W = img.shape[:2]
@@ -172,7 +159,7 @@ def astronaut(args):
     if args.steps is not None:
         steps = (args.steps, args.steps)
     model = synthetic_face_model(resolution=res)
-    img, lm = load_astronaut(size)
+    img, lm = astronaut_landmarks.load(size)
     cam = F.default_camera(model, size)
     snaps = []
     t0 = time.perf_counter()
