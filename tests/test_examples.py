@@ -2,7 +2,7 @@
 and a few steps in a subprocess; we check the exit status, the JSON metrics on
 the last line of stdout and the pictures it saved.
 
-The four scripts are started together (one module-level fixture) so their
+The scripts are started together (one module-level fixture) so their
 compilations overlap; each test then waits for its own process.
 """
 from __future__ import annotations
@@ -28,6 +28,10 @@ EXAMPLES = {
                         ["reference.png", "starts.png", "finals.png", "optimization.gif", "keyframes.png"]),
     "deform_sphere": (["--size", "32", "--steps", "10"], ["mean_iou", "chamfer_pct"],
                       ["optimization.gif", "result.png", "keyframes.png"]),
+    # its own quick sizes (64², 100 + 100 steps): the assertions below need a fit that has converged
+    "fit_portrait": ([], ["psnr", "psnr_start", "psnr_face", "psnr_face_start", "psnr_face_init", "psnr_face_flat",
+                          "landmark_err_px_start"],
+                     ["portrait.png", "portrait_fit.gif"]),
 }
 
 TIMEOUT = float(os.environ.get("JAXRENDER_EXAMPLE_TIMEOUT", "600"))
@@ -68,6 +72,13 @@ def test_example_quick(runs, name):
     assert metrics["mode"] == "quick"
     if name == "fit_camera_pose":
         assert metrics["starts"] == 2 and 0.0 <= metrics["success_rate"] <= 1.0
+    if name == "fit_portrait":
+        # measured (quick, 64²): init 11.6 dB -> after the landmark stage 14.1 -> 15.3 dB on the face region,
+        # landmarks 3.1 px after their stage; a flat colour gets 15.3 dB
+        assert metrics["landmark_err_px_start"] < 5.0, metrics
+        assert metrics["psnr_face_start"] > metrics["psnr_face_init"] + 1.5, metrics
+        assert metrics["psnr_face"] > metrics["psnr_face_start"] + 0.5, metrics
+        assert metrics["psnr_face"] > metrics["psnr_face_flat"] - 0.5, metrics
     if name in ("fit_silhouette", "deform_sphere"):
         assert 0.0 <= metrics["iou" if name == "fit_silhouette" else "mean_iou"] <= 1.0
     for f in files:
