@@ -29,6 +29,10 @@ import numpy as np
 from jaxrender._checks import check_shape, is_concrete
 from jaxrender.transforms import look_at_rotation
 
+# Geometry runs in true float32: GPUs otherwise default float32 matmuls to TF32
+# (10-bit mantissa), a quarter-pixel error on a 512-px image.
+_HIGHEST = jax.lax.Precision.HIGHEST
+
 __all__ = [
     "Camera",
     "from_intrinsics",
@@ -509,7 +513,7 @@ def world_to_camera(camera: Camera, points):
     """
     points = _as_float(points)
     check_shape(points, "points", (3,), batch_ok=True)
-    return points @ camera.R.T + camera.t
+    return jnp.matmul(points, camera.R.T, precision=_HIGHEST) + camera.t
 
 
 def project(camera: Camera, points):
@@ -562,7 +566,7 @@ def unproject(camera: Camera, xy, depth):
     if not camera.orthographic:
         a, b = a * depth, b * depth
     pc = jnp.stack([a, b, depth], axis=-1)
-    return (pc - camera.t) @ camera.R
+    return jnp.matmul(pc - camera.t, camera.R, precision=_HIGHEST)
 
 
 def pixel_centers(width: int, height: int, dtype=None):
@@ -611,10 +615,10 @@ def pixel_rays(camera: Camera, xy=None, normalize=False):
     one = jnp.ones_like(a)
     if camera.orthographic:
         zero = jnp.zeros_like(a)
-        origins = (jnp.stack([a, b, zero], axis=-1) - camera.t) @ camera.R
+        origins = jnp.matmul(jnp.stack([a, b, zero], axis=-1) - camera.t, camera.R, precision=_HIGHEST)
         dirs = jnp.broadcast_to(camera.R[2], origins.shape)
     else:
-        dirs = jnp.stack([a, b, one], axis=-1) @ camera.R
+        dirs = jnp.matmul(jnp.stack([a, b, one], axis=-1), camera.R, precision=_HIGHEST)
         origins = jnp.broadcast_to(camera_center(camera), dirs.shape)
     if normalize:
         dirs = dirs / jnp.linalg.norm(dirs, axis=-1, keepdims=True)
@@ -633,4 +637,4 @@ def camera_center(camera: Camera):
     Returns:
       ``(3,)`` world point ``-R.T @ t``.
     """
-    return -camera.R.T @ camera.t
+    return -jnp.matmul(camera.R.T, camera.t, precision=_HIGHEST)

@@ -18,6 +18,7 @@ matrix -> quaternion map picks the numerically best-conditioned branch).
 """
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 
 from jaxrender._checks import check_shape
@@ -466,4 +467,4 @@ def apply_rigid(R, t, points):
     check_shape(R, "R", (3, 3))
     check_shape(t, "t", (3,))
     check_shape(points, "points", (3,), batch_ok=True)
-    return points @ R.T + t
+    return jnp.matmul(points, jnp.swapaxes(R, -1, -2), precision=jax.lax.Precision.HIGHEST) + t
