@@ -20,9 +20,11 @@ Both passes use :func:`geometry_core`, so they agree exactly.
 """
 from __future__ import annotations
 
+import functools
 
 import jax
 import jax.numpy as jnp
+from jax import custom_batching
 
 from .._checks import check_faces, check_float, check_shape
 from .settings import Fragments, RasterSettings
@@ -131,6 +133,35 @@ def face_validity(tri, settings: RasterSettings, znear, zfar):
     return valid
 
 
+@functools.lru_cache(maxsize=None)
+def _sort_by_key(key_range: int):
+    """A stable sort of ``(keys, values)`` by ``keys`` in ``[0, key_range)``, flat under ``vmap``.
+
+    GPUs sort a 1-D array of int32 keys with a radix sort (CUB), but a
+    batched sort — what ``vmap`` makes of one — with XLA's comparison sort,
+    ~10x slower (H200: 8 x 1.7M pairs, 7.5 vs 0.67 ms). Under ``vmap`` this
+    adds ``batch_index * key_range`` to the keys and sorts the flattened
+    batch once instead (nested ``vmap``s flatten further), unless the keys
+    would then overflow int32.
+    """
+
+    @custom_batching.custom_vmap
+    def sort(keys, values):
+        return tuple(jax.lax.sort((keys, values), num_keys=1, is_stable=True))
+
+    @sort.def_vmap
+    def _batched(axis_size, in_batched, keys, values):
+        keys = keys if in_batched[0] else jnp.broadcast_to(keys, (axis_size,) + keys.shape)
+        values = values if in_batched[1] else jnp.broadcast_to(values, (axis_size,) + values.shape)
+        if axis_size * key_range >= 2 ** 31:
+            return tuple(jax.lax.sort((keys, values), dimension=-1, num_keys=1, is_stable=True)), (True, True)
+        offset = (jnp.arange(axis_size, dtype=keys.dtype) * key_range)[:, None]
+        k, v = _sort_by_key(axis_size * key_range)((keys + offset).reshape(-1), values.reshape(-1))
+        return (k.reshape(keys.shape) - offset, v.reshape(values.shape)), (True, True)
+
+    return sort
+
+
 def _bin_faces(tri, valid, settings: RasterSettings, num_bins_y: int, num_bins_x: int, depth_order: bool = False):
     """Tile binning with static shapes, by sorting (tile, face) pairs.
 
@@ -185,7 +216,7 @@ def _bin_faces(tri, valid, settings: RasterSettings, num_bins_y: int, num_bins_x
     nxf = jnp.maximum(nx[f], 1)
     tile = (ty0[f] + local // nxf) * num_bins_x + tx0[f] + local % nxf
     tile = jnp.where(p < total, tile, num_tiles)  # unused slots sort last
-    tile_s, face_s = jax.lax.sort((tile, f), num_keys=1, is_stable=True)
+    tile_s, face_s = _sort_by_key(num_tiles + 1)(tile, f)
     bounds = jnp.searchsorted(tile_s, jnp.arange(num_tiles + 1, dtype=jnp.int32), side="left",
                               method="scan_unrolled").astype(jnp.int32)
     starts, counts = bounds[:-1], bounds[1:] - bounds[:-1]
