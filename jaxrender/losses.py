@@ -170,7 +170,13 @@ def silhouette_iou_loss(pred, target, eps: float = 1e-6):
         pred: ``(H, W)`` or ``(H, W, 1)`` predicted coverage in ``[0, 1]``
             (e.g. the alpha channel of a soft silhouette render); any shape
             works, everything is summed.
-        target: same shape (or broadcastable), target mask in ``[0, 1]``.
+        target: same shape (or broadcastable), target mask in ``[0, 1]``;
+            use a **binary** target. With a soft target the loss is biased:
+            its minimum is not at ``pred == target`` (for the target
+            ``(0.5, 1)`` the loss is 0.29 at ``pred == target`` and 0.25 at
+            ``pred = (1, 1)``), so fitting to a soft silhouette pulls the
+            prediction away from it. Threshold soft targets (``target > 0.5``) or use an
+            L2/L1 loss on coverage instead.
         eps: added to the union so that two empty masks give loss 1, not NaN.
 
     Returns:

@@ -371,3 +371,13 @@ def test_mesh_losses_jit_vmap_grad(rng, x64):
 
     g, g_ref = both_grads(vj)
     np.testing.assert_allclose(g, g_ref, rtol=1e-10, atol=1e-12)
+
+
+def test_silhouette_iou_soft_target_bias_is_as_documented():
+    from jaxrender.losses import silhouette_iou_loss
+    t = jnp.array([0.5, 1.0])
+    at_target = float(silhouette_iou_loss(t, t))
+    hard = float(silhouette_iou_loss(jnp.array([1.0, 1.0]), t))
+    # inter = 0.25 + 1, union = 0.75 + 1 at the target; inter = 0.5 + 1, union = 1 + 1 at (1, 1)
+    np.testing.assert_allclose([at_target, hard], [1 - 1.25 / 1.75, 1 - 1.5 / 2.0], atol=1e-5)
+    assert hard < at_target
