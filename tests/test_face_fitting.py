@@ -145,3 +145,17 @@ def test_bad_inputs(model, camera):
         F.fit_face(model, np.zeros((SIZE + 1, SIZE, 3)), camera=camera, steps=(0, 1))
     with pytest.raises(ValueError, match="unknown loss weights"):
         F.fit_face(model, np.zeros((SIZE, SIZE, 3)), camera=camera, steps=(0, 1), weights=dict(foo=1.0))
+
+
+def test_track_face_warm_start_from_interpolated_keyframes():
+    pk = {k: jnp.arange(3.0)[:, None] * jnp.ones((3, 2)) for k in ("exp", "angles", "translation", "gamma")}
+    p = F._interpolate_keyframes(pk, np.array([0, 4, 8]), np.arange(10))
+    np.testing.assert_allclose(np.asarray(p["angles"][:, 0]), [0, 0.25, 0.5, 0.75, 1, 1.25, 1.5, 1.75, 2, 2], rtol=1e-5)
+    one = F._interpolate_keyframes({k: v[:1] for k, v in pk.items()}, np.array([3]), np.arange(3))
+    np.testing.assert_allclose(np.asarray(one["exp"]), 0.0)
+    # angles take the shorter way round: from 3.1 to -3.1 through pi, not through 0
+    pa = dict(pk, angles=jnp.array([[3.1], [-3.1]]))
+    mid = F._interpolate_keyframes({k: v[:2] for k, v in pa.items()}, np.array([0, 2]), np.array([1]))["angles"]
+    assert abs(abs(float(mid[0, 0])) - np.pi) < 1e-5, mid
+    with pytest.raises(ValueError, match="warm_start"):
+        F.track_face(None, np.zeros((1, SIZE, SIZE, 3)), np.zeros((1, 68, 2)), warm_start="nearest")

@@ -12,8 +12,8 @@ Three thin users of :func:`jaxrender.fit.fit`:
   per-image fits up to floating-point rounding.
 * :func:`track_face` — a video: identity and albedo shared by all frames
   (estimated on a few key frames), per-frame expression, pose and lighting,
-  a temporal smoothness term, and every window of frames warm-started from
-  the last frame fitted before it.
+  a temporal smoothness term, and every frame started from the key-frame
+  fits interpolated in time.
 
 The face is posed and lit with FaceVerse's forward pass
 (:func:`jaxrender.morphable.faceverse_forward`): ``v_world = v R^T + t`` with
@@ -319,9 +319,17 @@ def _lrs(lr):
     return out
 
 
-def _optimizer(lrs, frozen=()):
-    """Adam per group; groups in ``frozen`` keep their values (``set_to_zero``)."""
-    opts = {k: (optax.set_to_zero() if k in frozen else optax.adam(lrs[k])) for k in _GROUPS}
+def _optimizer(lrs, frozen=(), steps: int = 0, final_lr: Optional[float] = None):
+    """Adam per group; groups in ``frozen`` keep their values (``set_to_zero``).
+
+    With ``final_lr`` (a fraction) each rate falls along a cosine to
+    ``final_lr`` times itself over ``steps`` steps, so the last steps do not
+    jitter by a constant-rate Adam step.
+    """
+    def rate(lr):
+        return lr if final_lr is None or steps <= 0 else optax.cosine_decay_schedule(lr, steps, alpha=final_lr)
+
+    opts = {k: (optax.set_to_zero() if k in frozen else optax.adam(rate(lrs[k]))) for k in _GROUPS}
     opts["frozen"] = optax.set_to_zero()
 
     def labels(p):
@@ -539,22 +547,50 @@ def _smooth(seq, prev=None):
     return jnp.mean(jnp.sum((seq[1:] - seq[:-1]) ** 2, -1))
 
 
+def _interpolate_keyframes(pk, keys, idx):
+    """Per-frame parameters at frames ``idx``, linear in time between the
+    fitted key frames ``keys`` around each (held constant outside them);
+    angles along the shorter way round."""
+    keys = np.asarray(keys)
+    if len(keys) == 1:
+        j0 = j1 = np.zeros(len(idx), int)
+        a = np.zeros(len(idx))
+    else:
+        j0 = np.clip(np.searchsorted(keys, idx, side="right") - 1, 0, len(keys) - 2)
+        j1 = j0 + 1
+        a = np.clip((idx - keys[j0]) / (keys[j1] - keys[j0]), 0.0, 1.0)
+    out = {}
+    for k in _PER_FRAME:
+        w = jnp.asarray(a, pk[k].dtype).reshape((-1,) + (1,) * (pk[k].ndim - 1))
+        step = pk[k][j1] - pk[k][j0]
+        if k == "angles":
+            step = jnp.mod(step + jnp.pi, 2 * jnp.pi) - jnp.pi
+        out[k] = pk[k][j0] + w * step
+    return out
+
+
 def track_face(model: MorphableModel, frames, landmarks_per_frame, masks=None, *, camera=None,
                steps=(200, 100), keyframe_steps=None, num_keyframes: int = 8, window: Optional[int] = None,
                weights: Optional[Mapping] = None, lr=None, soft: bool = False, coeff_bound: Optional[float] = 4.0,
-               photometric: bool = True, steps_per_call: int = 50, progress=False) -> TrackResult:
+               photometric: bool = True, warm_start: str = "keyframes", final_lr: Optional[float] = 0.1,
+               steps_per_call: int = 50, progress=False) -> TrackResult:
     """Track a face through a video.
 
     1. **Identity**: a joint fit (landmark, then photometric stage as in
        :func:`fit_face`) on ``num_keyframes`` evenly spaced frames with one
        shared ``id`` and ``tex`` and per-frame ``exp``, pose and light.
     2. **Tracking**: identity and albedo frozen; frames are fitted in windows
-       of ``window`` frames (default: all at once), each frame's expression,
-       pose and light warm-started from the last frame fitted before it (the
-       first window from the nearest key frame), with
+       of ``window`` frames (default: all at once), with
        ``w_smooth * mean |x_{t+1} - x_t|^2`` on expression, angles,
        translation (face units) and SH coefficients, linking a window's first
-       frame to the previous window's last.
+       frame to the previous window's last. Each frame's expression, pose and
+       light start (``warm_start="keyframes"``) from the key-frame fits
+       interpolated linearly in time, or (``"previous"``) from the last frame
+       fitted before it (the first window from the nearest key frame).
+
+    Every stage's learning rates fall along a cosine to ``final_lr`` times
+    their value (``None``: constant), so a stage ends converged instead of
+    jittering by one Adam step.
 
     Args:
       frames: ``(T, H, W, 3)`` images.
@@ -564,11 +600,15 @@ def track_face(model: MorphableModel, frames, landmarks_per_frame, masks=None, *
       steps: ``(landmark_steps, photo_steps)`` per tracking window.
       keyframe_steps: the same for the identity fit (default ``steps``).
       photometric: ``False`` fits landmarks only (no rendering).
+      warm_start: ``"keyframes"`` or ``"previous"`` (see above).
+      final_lr: last learning rate of each stage as a fraction of the first.
       Others as in :func:`fit_face`.
 
     Returns:
       A :class:`TrackResult`.
     """
+    if warm_start not in ("keyframes", "previous"):
+        raise ValueError(f"warm_start must be 'keyframes' or 'previous', got {warm_start!r}")
     frames = jnp.asarray(frames)
     T = frames.shape[0]
     if camera is None:
@@ -613,13 +653,15 @@ def track_face(model: MorphableModel, frames, landmarks_per_frame, masks=None, *
 
     def run(params, idx, frozen, prev, name, smooth=True):
         d = data_for(idx)
-        if s_lm_cur[0] > 0:
-            r = fit(make_loss(None, prev, smooth), params, d, _optimizer(lrs, frozen=frozen + ("tex", "gamma")), s_lm_cur[0],
+        n_lm, n_ph = s_lm_cur
+        if n_lm > 0:
+            r = fit(make_loss(None, prev, smooth), params, d,
+                    _optimizer(lrs, frozen + ("tex", "gamma"), n_lm, final_lr), n_lm,
                     constraints=cons, steps_per_call=steps_per_call, progress=progress, has_aux=True)
             stages[name + "/landmark"] = r
             params = r.params
-        if s_lm_cur[1] > 0:
-            r = fit(make_loss(settings, prev, smooth), params, d, _optimizer(lrs, frozen=frozen), s_lm_cur[1],
+        if n_ph > 0:
+            r = fit(make_loss(settings, prev, smooth), params, d, _optimizer(lrs, frozen, n_ph, final_lr), n_ph,
                     constraints=cons, steps_per_call=steps_per_call, progress=progress, has_aux=True)
             stages[name + "/photo"] = r
             params = r.params
@@ -643,7 +685,9 @@ def track_face(model: MorphableModel, frames, landmarks_per_frame, masks=None, *
     prev = None
     for start in range(0, T, W):
         idx = np.arange(start, min(T, start + W))
-        if prev is None:
+        if warm_start == "keyframes":
+            p0 = _interpolate_keyframes(pk, keys, idx)
+        elif prev is None:
             # nearest key frame's fit for every frame of the first window
             near = np.array([int(np.argmin(np.abs(keys - i))) for i in idx])
             p0 = {k: pk[k][near] for k in _PER_FRAME}
