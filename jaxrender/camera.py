@@ -223,7 +223,7 @@ def look_at(eye, target=(0.0, 0.0, 0.0), up=(0.0, 1.0, 0.0), fov_y_deg=60.0, wid
     check_shape(_as_float(target), "target", (3,))
     check_shape(_as_float(up), "up", (3,))
     R = look_at_rotation(eye, target, up)
-    t = -R @ eye
+    t = -jnp.matmul(R, eye, precision=_HIGHEST)
     return from_fov(fov_y_deg, width, height, R=R, t=t, znear=znear, zfar=zfar)
 
 
@@ -329,8 +329,8 @@ def from_opengl(view, proj, width, height, orthographic=None):
         else:
             raise ValueError(f"proj must be an OpenGL perspective (last row [0, 0, -1, 0]) or orthographic (last row [0, 0, 0, 1]) matrix, got last row {p[3].tolist()}")
     flip = jnp.asarray(_GL_TO_CV, view.dtype)
-    R = flip @ view[:3, :3]
-    t = flip @ view[:3, 3]
+    R = jnp.matmul(flip, view[:3, :3], precision=_HIGHEST)
+    t = jnp.matmul(flip, view[:3, 3], precision=_HIGHEST)
     if orthographic:
         fx = proj[0, 0] * width / 2.0
         fy = proj[1, 1] * height / 2.0
@@ -413,8 +413,8 @@ def from_pytorch3d(
     check_shape(R, "R", (3, 3))
     check_shape(T, "T", (3,))
     flip = jnp.asarray(_P3D_TO_CV, R.dtype)
-    R_cv = flip @ R.T
-    t_cv = flip @ T
+    R_cv = jnp.matmul(flip, R.T, precision=_HIGHEST)
+    t_cv = jnp.matmul(flip, T, precision=_HIGHEST)
     s = min(width, height) / 2.0
     if (fov is None) == (focal_length is None):
         raise ValueError("give exactly one of fov (FoVPerspectiveCameras) or focal_length (PerspectiveCameras)")

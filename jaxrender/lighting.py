@@ -210,7 +210,7 @@ def sh_shading(normals, sh_coeffs, layout: str = "3x9", offset=0.0, normalize: b
     """
     coeffs = _sh_matrix(sh_coeffs, layout, offset)
     basis = sh_basis(normals, normalize=normalize)
-    return jnp.einsum("...k,kc->...c", basis, coeffs)
+    return jnp.einsum("...k,kc->...c", basis, coeffs, precision=jax.lax.Precision.HIGHEST)
 
 
 def shade_sh(albedo, normals, sh_coeffs, layout: str = "3x9", offset=0.0, normalize: bool = False):

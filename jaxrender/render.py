@@ -278,7 +278,7 @@ def render_normals(mesh: Mesh, camera: camera_lib.Camera, settings: Union[Raster
     def pixels(fr, n):
         n = n[:, :, 0]
         if space == "camera":
-            n = n @ camera.R.T
+            n = jnp.matmul(n, camera.R.T, precision=jax.lax.Precision.HIGHEST)
         n = n / jnp.maximum(jnp.linalg.norm(n, axis=-1, keepdims=True), 1e-12)
         hit = fr.face_idx[..., 0] >= 0
         n = jnp.where(hit[..., None], n, 0.0)

@@ -23,6 +23,7 @@ import jax.numpy as jnp
 
 from jaxrender._checks import check_shape
 
+
 __all__ = [
     "EULER_ORDERS",
     "euler_to_matrix",
@@ -38,6 +39,12 @@ __all__ = [
     "invert_rigid",
     "apply_rigid",
 ]
+
+
+def _mm(a, b):
+    """``a @ b`` in true float32: GPUs default float32 matmuls to TF32 (10-bit mantissa)."""
+    return jnp.matmul(a, b, precision=jax.lax.Precision.HIGHEST)
+
 
 #: The six Tait-Bryan axis orders accepted by :func:`euler_to_matrix`.
 EULER_ORDERS = ("xyz", "xzy", "yxz", "yzx", "zxy", "zyx")
@@ -116,7 +123,7 @@ def euler_to_matrix(angles, order: str = "xyz"):
     r0 = _axis_rotation(order[0], angles[..., 0])
     r1 = _axis_rotation(order[1], angles[..., 1])
     r2 = _axis_rotation(order[2], angles[..., 2])
-    return r2 @ r1 @ r0
+    return _mm(_mm(r2, r1), r0)
 
 
 def matrix_to_euler(R, order: str = "xyz"):
@@ -152,8 +159,8 @@ def matrix_to_euler(R, order: str = "xyz"):
     exact_lock = x * x + y * y < 1e-30  # atan2(0, 0): pick a = 0, keep the gradient finite
     alpha = jnp.arctan2(jnp.where(exact_lock, 0.0, y), jnp.where(exact_lock, 1.0, x))
     # R_k(c) = R @ (R_j(b) R_i(a)).T, read with the two axes that follow k cyclically.
-    A = _axis_rotation(order[1], beta) @ _axis_rotation(order[0], alpha)
-    M = R @ jnp.swapaxes(A, -1, -2)
+    A = _mm(_axis_rotation(order[1], beta), _axis_rotation(order[0], alpha))
+    M = _mm(R, jnp.swapaxes(A, -1, -2))
     p, q = (k + 1) % 3, (k + 2) % 3
     gamma = jnp.arctan2(M[..., q, p], M[..., p, p])
     return jnp.stack([alpha, beta, gamma], axis=-1)
@@ -207,7 +214,7 @@ def axis_angle_to_matrix(axis_angle):
     b = 0.5 * _sinc_of_sq(theta2 / 4.0) ** 2
     K = _hat(w)
     eye = jnp.eye(3, dtype=w.dtype)
-    return eye + a[..., None, None] * K + b[..., None, None] * (K @ K)
+    return eye + a[..., None, None] * K + b[..., None, None] * _mm(K, K)
 
 
 def matrix_to_axis_angle(R):
@@ -467,4 +474,4 @@ def apply_rigid(R, t, points):
     check_shape(R, "R", (3, 3))
     check_shape(t, "t", (3,))
     check_shape(points, "points", (3,), batch_ok=True)
-    return jnp.matmul(points, jnp.swapaxes(R, -1, -2), precision=jax.lax.Precision.HIGHEST) + t
+    return _mm(points, jnp.swapaxes(R, -1, -2)) + t

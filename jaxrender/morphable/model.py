@@ -25,6 +25,7 @@ from __future__ import annotations
 from typing import Mapping, Optional, Tuple
 
 import equinox as eqx
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -232,7 +233,8 @@ def _apply_basis(basis, coeffs, name):
     K = basis.shape[-1]
     if k > K:
         raise ValueError(f"{name} has {k} coefficients but the model's basis has only {K}")
-    return jnp.einsum("vck,k->vc", basis[..., :k], coeffs.astype(basis.dtype))
+    # HIGHEST: GPUs would otherwise evaluate float32 products in TF32 (10-bit mantissa).
+    return jnp.einsum("vck,k->vc", basis[..., :k], coeffs.astype(basis.dtype), precision=jax.lax.Precision.HIGHEST)
 
 
 def shape(model: MorphableModel, id_coeffs=None, exp_coeffs=None):
