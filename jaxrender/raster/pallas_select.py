@@ -1,6 +1,7 @@
 """GPU kernel for the selection pass (Pallas, Triton backend).
 
-One program per screen tile, one pixel per thread. It walks the tile's
+One program per screen tile, its pixels spread over the program's threads
+(two per thread at the default 4 warps and 16-px tiles). It walks the tile's
 candidate faces (a contiguous run of the sorted (tile, face) pairs) one at a
 time: the face's nine vertex coordinates are scalars shared by the tile,
 the geometry (the same ``geometry_core`` as the XLA path) is computed for
