@@ -10,7 +10,16 @@ from __future__ import annotations
 from typing import Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
+
+
+def as_float(x, dtype=None):
+    """``jnp.asarray(x, dtype)``, with integer / bool input promoted to the default float dtype."""
+    x = jnp.asarray(x, dtype=dtype)
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+        x = x.astype(jnp.result_type(float))
+    return x
 
 
 def is_concrete(x) -> bool:

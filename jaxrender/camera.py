@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxrender._checks import check_shape, is_concrete
+from jaxrender._checks import as_float as _as_float, check_shape, is_concrete
 from jaxrender.transforms import look_at_rotation
 
 # Geometry runs in true float32: GPUs otherwise default float32 matmuls to TF32
@@ -55,13 +55,6 @@ __all__ = [
 # Smallest |z_cam| used as a divisor in perspective projection; keeps points on
 # the camera plane finite (they are outside [znear, zfar] and get culled).
 _MIN_DEPTH = 1e-8
-
-
-def _as_float(x, dtype=None):
-    x = jnp.asarray(x, dtype=dtype)
-    if not jnp.issubdtype(x.dtype, jnp.floating):
-        x = x.astype(jnp.result_type(float))
-    return x
 
 
 def _scalar(x, name):

@@ -68,7 +68,7 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 
-from jaxrender._checks import check_shape
+from jaxrender._checks import as_float as _float_array, check_shape
 
 __all__ = [
     "SH_CONSTANTS",
@@ -94,14 +94,6 @@ _D0 = 0.5 / math.sqrt(3.0)
 
 SH_CONSTANTS = dict(a0=_A0, a1=_A1, a2=_A2, c0=_C0, c1=_C1, c2=_C2, d0=_D0)
 """The Lambertian convolution (``a*``) and SH normalisation (``c*``, ``d0``) constants."""
-
-
-def _float_array(x):
-    """``jnp.asarray`` that promotes integer / bool input to the default float dtype."""
-    x = jnp.asarray(x)
-    if not jnp.issubdtype(x.dtype, jnp.floating):
-        x = x.astype(jnp.result_type(float))
-    return x
 
 
 def safe_normalize(v, axis: int = -1, eps: float = 1e-6):

@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxrender._checks import check_shape
+from jaxrender._checks import as_float as _float, check_shape
 from jaxrender.mesh import SparseMatrix, cotangent_laplacian, edges as mesh_edges, laplacian_apply, uniform_laplacian
 from jaxrender.mesh import _safe_norm as _mesh_safe_norm, _safe_normalize, _tiny  # one copy of the safe norms
 
@@ -47,13 +47,6 @@ __all__ = [
     "flatten_loss_setup",
     "flatten_loss",
 ]
-
-
-def _float(x):
-    x = jnp.asarray(x)
-    if not jnp.issubdtype(x.dtype, jnp.floating):
-        x = x.astype(jnp.result_type(float))
-    return x
 
 
 def _safe_norm(x):

@@ -21,7 +21,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from jaxrender._checks import check_shape
+from jaxrender._checks import as_float as _as_float, check_shape
 
 
 __all__ = [
@@ -49,13 +49,6 @@ def _mm(a, b):
 #: The six Tait-Bryan axis orders accepted by :func:`euler_to_matrix`.
 EULER_ORDERS = ("xyz", "xzy", "yxz", "yzx", "zxy", "zyx")
 _AXIS = {"x": 0, "y": 1, "z": 2}
-
-
-def _as_float(x):
-    x = jnp.asarray(x)
-    if not jnp.issubdtype(x.dtype, jnp.floating):
-        x = x.astype(jnp.result_type(float))
-    return x
 
 
 def _check_order(order):
