@@ -174,18 +174,21 @@ def pad_batch(tree, multiple: int):
         return tree, 0
     if n == 0:
         raise ValueError("pad_batch: the batch is empty")
-    target = -(-n // multiple) * multiple
-    if target == n:
-        return tree, n
+    return _repeat_last(tree, n, -(-n // multiple) * multiple), n
+
+
+def _repeat_last(tree, n: int, size: int):
+    """Pad the ``n``-long leading axis of every array leaf to ``size`` by repeating the last example."""
+    if size == n:
+        return tree
 
     def pad(x):
         if not eqx.is_array(x):
             return x
         xp = np if isinstance(x, np.ndarray) else jnp
-        last = xp.broadcast_to(x[-1:], (target - n,) + tuple(x.shape[1:]))
-        return xp.concatenate([x, last], axis=0)
+        return xp.concatenate([x, xp.broadcast_to(x[-1:], (size - n,) + tuple(x.shape[1:]))], axis=0)
 
-    return jax.tree_util.tree_map(pad, tree), n
+    return jax.tree_util.tree_map(pad, tree)
 
 
 def _put(tree, sharding):
@@ -962,16 +965,7 @@ def _iter_groups(dataset, batch_size):
 
 def _pad_to(tree, size):
     n = _batch_size(tree, "batch")
-    if n == size:
-        return tree, n
-
-    def pad(x):
-        if not eqx.is_array(x):
-            return x
-        xp = np if isinstance(x, np.ndarray) else jnp
-        return xp.concatenate([x, xp.broadcast_to(x[-1:], (size - n,) + tuple(x.shape[1:]))], axis=0)
-
-    return jax.tree_util.tree_map(pad, tree), n
+    return _repeat_last(tree, n, size), n
 
 
 def _prefetch_padded(groups, mesh, axis_name, size, padded_size):
