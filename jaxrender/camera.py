@@ -27,11 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxrender._checks import as_float as _as_float, check_shape, is_concrete
-from jaxrender.transforms import look_at_rotation
-
-# Geometry runs in true float32: GPUs otherwise default float32 matmuls to TF32
-# (10-bit mantissa), a quarter-pixel error on a 512-px image.
-_HIGHEST = jax.lax.Precision.HIGHEST
+from jaxrender.transforms import _mm, look_at_rotation  # _mm: true float32 (not TF32) on GPUs
 
 __all__ = [
     "Camera",
@@ -216,7 +212,7 @@ def look_at(eye, target=(0.0, 0.0, 0.0), up=(0.0, 1.0, 0.0), fov_y_deg=60.0, wid
     check_shape(_as_float(target), "target", (3,))
     check_shape(_as_float(up), "up", (3,))
     R = look_at_rotation(eye, target, up)
-    t = -jnp.matmul(R, eye, precision=_HIGHEST)
+    t = -_mm(R, eye)
     return from_fov(fov_y_deg, width, height, R=R, t=t, znear=znear, zfar=zfar)
 
 
@@ -322,8 +318,8 @@ def from_opengl(view, proj, width, height, orthographic=None):
         else:
             raise ValueError(f"proj must be an OpenGL perspective (last row [0, 0, -1, 0]) or orthographic (last row [0, 0, 0, 1]) matrix, got last row {p[3].tolist()}")
     flip = jnp.asarray(_GL_TO_CV, view.dtype)
-    R = jnp.matmul(flip, view[:3, :3], precision=_HIGHEST)
-    t = jnp.matmul(flip, view[:3, 3], precision=_HIGHEST)
+    R = _mm(flip, view[:3, :3])
+    t = _mm(flip, view[:3, 3])
     if orthographic:
         fx = proj[0, 0] * width / 2.0
         fy = proj[1, 1] * height / 2.0
@@ -406,8 +402,8 @@ def from_pytorch3d(
     check_shape(R, "R", (3, 3))
     check_shape(T, "T", (3,))
     flip = jnp.asarray(_P3D_TO_CV, R.dtype)
-    R_cv = jnp.matmul(flip, R.T, precision=_HIGHEST)
-    t_cv = jnp.matmul(flip, T, precision=_HIGHEST)
+    R_cv = _mm(flip, R.T)
+    t_cv = _mm(flip, T)
     s = min(width, height) / 2.0
     if (fov is None) == (focal_length is None):
         raise ValueError("give exactly one of fov (FoVPerspectiveCameras) or focal_length (PerspectiveCameras)")
@@ -506,7 +502,7 @@ def world_to_camera(camera: Camera, points):
     """
     points = _as_float(points)
     check_shape(points, "points", (3,), batch_ok=True)
-    return jnp.matmul(points, camera.R.T, precision=_HIGHEST) + camera.t
+    return _mm(points, camera.R.T) + camera.t
 
 
 def project(camera: Camera, points):
@@ -559,7 +555,7 @@ def unproject(camera: Camera, xy, depth):
     if not camera.orthographic:
         a, b = a * depth, b * depth
     pc = jnp.stack([a, b, depth], axis=-1)
-    return jnp.matmul(pc - camera.t, camera.R, precision=_HIGHEST)
+    return _mm(pc - camera.t, camera.R)
 
 
 def pixel_centers(width: int, height: int, dtype=None):
@@ -608,10 +604,10 @@ def pixel_rays(camera: Camera, xy=None, normalize=False):
     one = jnp.ones_like(a)
     if camera.orthographic:
         zero = jnp.zeros_like(a)
-        origins = jnp.matmul(jnp.stack([a, b, zero], axis=-1) - camera.t, camera.R, precision=_HIGHEST)
+        origins = _mm(jnp.stack([a, b, zero], axis=-1) - camera.t, camera.R)
         dirs = jnp.broadcast_to(camera.R[2], origins.shape)
     else:
-        dirs = jnp.matmul(jnp.stack([a, b, one], axis=-1), camera.R, precision=_HIGHEST)
+        dirs = _mm(jnp.stack([a, b, one], axis=-1), camera.R)
         origins = jnp.broadcast_to(camera_center(camera), dirs.shape)
     if normalize:
         dirs = dirs / jnp.linalg.norm(dirs, axis=-1, keepdims=True)
@@ -630,4 +626,4 @@ def camera_center(camera: Camera):
     Returns:
       ``(3,)`` world point ``-R.T @ t``.
     """
-    return -jnp.matmul(camera.R.T, camera.t, precision=_HIGHEST)
+    return -_mm(camera.R.T, camera.t)
