@@ -207,8 +207,7 @@ def _bin_faces(tri, valid, settings: RasterSettings, num_bins_y: int, num_bins_x
     n_g = n if gen is None else n[gen]
     ends = jnp.cumsum(n_g, dtype=jnp.int32)
     total = ends[-1]
-    # (+ min(total, 0) = + 0: keeps XLA from constant-folding the search over a constant iota at compile time)
-    p = jnp.arange(budget, dtype=jnp.int32) + jnp.minimum(total, 0)
+    p = jnp.arange(budget, dtype=jnp.int32)
     g = jnp.minimum(jnp.searchsorted(ends, p, side="right", method="scan_unrolled").astype(jnp.int32),
                     num_faces - 1)
     f = g if gen is None else gen[g]
