@@ -14,12 +14,15 @@ applies the update to get ``p_{k+1}`` (and the constraint, if any).
 """
 from __future__ import annotations
 
+import collections
 import dataclasses
+import functools
 import os
 import re
+import threading
 import time
 import warnings
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, NamedTuple
 
 import equinox as eqx
 import jax
@@ -370,6 +373,189 @@ def _split_params(params, filter_spec):
 
 
 # ----------------------------------------------------------------------------
+# The compiled step, cached across fit calls
+# ----------------------------------------------------------------------------
+
+#: How many step programs (loss/optimizer/constraint/data_fn and the static
+#: parts of params and data) keep their compiled code between fit calls;
+#: the least recently used one is dropped first.
+_STEP_CACHE_SIZE = 32
+_STEP_CACHE: collections.OrderedDict = collections.OrderedDict()
+_STEP_CACHE_LOCK = threading.Lock()
+
+
+@functools.lru_cache(maxsize=1)
+def _default_optimizer():
+    # One object, so that fits without an optimizer share their compiled step.
+    return optax.adam(1e-2)
+
+
+def _as_pytree_callable(f):
+    """A ``functools.partial`` as a ``jax.tree_util.Partial``: its array
+    arguments become traced leaves, its function and other arguments the cache key."""
+    if type(f) is functools.partial:
+        return jax.tree_util.Partial(f.func, *f.args, **f.keywords)
+    return f
+
+
+class _StepSpec(NamedTuple):
+    """What a compiled step depends on besides the shapes of its array arguments."""
+
+    fns: Any  # (loss_fn, optimizer, constraints, data_fn) without their array leaves
+    static_rest: Any  # params without their array leaves
+    data_rest: Any  # data without its array leaves
+    filter_spec: Any
+    has_aux: bool
+    uses_data: bool
+    has_data: bool
+    check: bool
+    track_best: bool
+
+
+class _Step(NamedTuple):
+    probe: Callable  # jitted (diff, s_arr, d_arr, fn_arr, key) -> (loss, aux); used for eval_shape
+    run_chunk: Callable  # jitted (carry, first, n_active, s_arr, d_arr, fn_arr, key, *, chunk_len)
+
+
+def _spec_key(spec: _StepSpec):
+    """A hashable key equal for specs that trace to the same program; raises
+    ``TypeError`` when a static part is unhashable."""
+    leaves, treedef = jax.tree_util.tree_flatten(spec)
+    key = (treedef, tuple((type(x), x) for x in leaves))
+    hash(key)
+    return key
+
+
+def _get_step(spec: _StepSpec) -> _Step:
+    """The cached :class:`_Step` of ``spec`` (built on a miss). Callables are
+    compared by identity (or hash/equality, e.g. equal ``equinox.Module`` s);
+    the cache holds at most ``_STEP_CACHE_SIZE`` of them."""
+    try:
+        key = _spec_key(spec)
+        with _STEP_CACHE_LOCK:
+            step = _STEP_CACHE.get(key)
+            if step is not None:
+                _STEP_CACHE.move_to_end(key)
+                return step
+    except (TypeError, ValueError):  # an unhashable (or array-valued ==) static part: compile for this call only
+        return _build_step(spec)
+    step = _build_step(spec)
+    with _STEP_CACHE_LOCK:
+        step = _STEP_CACHE.setdefault(key, step)
+        while len(_STEP_CACHE) > _STEP_CACHE_SIZE:
+            _STEP_CACHE.popitem(last=False)
+    return step
+
+
+def _build_step(spec: _StepSpec) -> _Step:
+    """Jit the loss probe and the ``lax.scan`` chunk of fit steps for ``spec``.
+
+    Everything that changes between calls of the same program (params, data,
+    the array leaves of the callables, the PRNG key) is an argument.
+    """
+
+    def unpack(fn_arr):
+        return eqx.combine(fn_arr, spec.fns)
+
+    def combine(d, s_arr):
+        return eqx.combine(d, s_arr, spec.static_rest)
+
+    def get_data(step, d_arr, data_fn, key):
+        d = eqx.combine(d_arr, spec.data_rest)
+        if data_fn is None:
+            return d
+        k = jax.random.fold_in(key, step)
+        return data_fn(k, step, d) if spec.has_data else data_fn(k, step)
+
+    def call_loss(loss_fn, d, s_arr, batch):
+        p = combine(d, s_arr)
+        out = loss_fn(p, batch) if spec.uses_data else loss_fn(p)
+        if spec.has_aux:
+            if not (isinstance(out, tuple) and len(out) == 2):
+                raise TypeError(f"fit: with has_aux=True, loss_fn must return (loss, aux), got {type(out).__name__}")
+            loss, aux = out
+        else:
+            if isinstance(out, tuple):
+                raise TypeError("fit: loss_fn returned a tuple; pass has_aux=True to return (loss, aux)")
+            loss, aux = out, None
+        return loss, aux
+
+    @jax.jit
+    def probe(d, s_arr, d_arr, fn_arr, key):
+        loss_fn, _, _, data_fn = unpack(fn_arr)
+        return call_loss(loss_fn, d, s_arr, get_data(jnp.int32(0), d_arr, data_fn, key))
+
+    @functools.partial(jax.jit, static_argnames="chunk_len")
+    def run_chunk(c, first, n_active, s_arr, d_arr, fn_arr, key, *, chunk_len):
+        loss_fn, optimizer, constraints, data_fn = unpack(fn_arr)
+        loss_dtype = c["best_loss"].dtype
+        aux_shape = probe.eval_shape(c["diff"], s_arr, d_arr, fn_arr, key)[1]
+        aux_zero = jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), aux_shape)
+        extra_args = isinstance(optimizer, optax.GradientTransformationExtraArgs)
+
+        def do_step(c, step):
+            batch = get_data(step, d_arr, data_fn, key)
+            (loss, aux), grads = jax.value_and_grad(
+                lambda d: call_loss(loss_fn, d, s_arr, batch), has_aux=True
+            )(c["diff"])
+            loss = loss.astype(loss_dtype)
+            if extra_args:
+                # Line-search optimizers (optax.lbfgs, ...): pass the loss, the gradient
+                # and the loss as a function of the trainable params on this step's data.
+                updates, new_opt = optimizer.update(
+                    grads, c["opt"], c["diff"], value=loss, grad=grads,
+                    value_fn=lambda d: call_loss(loss_fn, d, s_arr, batch)[0].astype(loss_dtype),
+                )
+            else:
+                updates, new_opt = optimizer.update(grads, c["opt"], c["diff"])
+            new_diff = optax.apply_updates(c["diff"], updates)
+            if constraints is not None:
+                full = constraints(combine(new_diff, s_arr))
+                nd, _, _ = _split_params(full, spec.filter_spec)
+                if jax.tree_util.tree_structure(nd) != jax.tree_util.tree_structure(new_diff):
+                    raise ValueError("fit: constraints must return params with the same structure as params")
+                new_diff = jax.tree_util.tree_map(lambda a, b: a.astype(b.dtype), nd, new_diff)
+            new_diff = jax.tree_util.tree_map(lambda a, b: a.astype(b.dtype), new_diff, c["diff"])
+            new_opt = jax.tree_util.tree_map(
+                lambda a, b: a.astype(b.dtype) if eqx.is_array(b) and not _is_typed_key(b) else a, new_opt, c["opt"]
+            )
+            out = dict(c)
+            loss_ok = jnp.isfinite(loss)
+            if spec.check:
+                grad_ok = _all_finite(grads)
+                par_ok = _all_finite(new_diff)
+                ok = loss_ok & grad_ok & par_ok
+                out["diff"] = _tree_where(ok, new_diff, c["diff"])
+                out["opt"] = _tree_where(ok, new_opt, c["opt"])
+                out["bad"] = jnp.logical_not(ok)
+                out["bad_step"] = jnp.where(ok, jnp.int32(-1), step).astype(jnp.int32)
+                out["bad_kind"] = jnp.where(ok, 0, jnp.where(~loss_ok, 1, jnp.where(~grad_ok, 2, 3))).astype(jnp.int32)
+                out["bad_loss"] = loss
+                applied = ok
+            else:
+                out["diff"], out["opt"] = new_diff, new_opt
+                applied = jnp.asarray(True)
+            if spec.track_best:
+                improved = loss_ok & (loss < c["best_loss"]) & applied
+                out["best"] = _tree_where(improved, c["diff"], c["best"])
+                out["best_loss"] = jnp.where(improved, loss, c["best_loss"])
+                out["best_step"] = jnp.where(improved, step, c["best_step"]).astype(jnp.int32)
+            return out, (loss, aux, applied)
+
+        def skip_step(c, step):
+            return c, (jnp.asarray(jnp.nan, loss_dtype), aux_zero, jnp.asarray(False))
+
+        def body(c, i):
+            step = (first + i).astype(jnp.int32)
+            active = (i < n_active) & jnp.logical_not(c["bad"])
+            return lax.cond(active, do_step, skip_step, c, step)
+
+        return lax.scan(body, c, jnp.arange(chunk_len, dtype=jnp.int32))
+
+    return _Step(probe, run_chunk)
+
+
+# ----------------------------------------------------------------------------
 # Checkpoint loading (public)
 # ----------------------------------------------------------------------------
 
@@ -487,10 +673,11 @@ def fit(
             normalisations). It must keep the structure. See :func:`clamp`,
             :func:`nonnegative`, :func:`unit_norm`, :func:`project_rotation`,
             :func:`chain_constraints`. The initial params are not constrained.
-        steps_per_call: steps per compiled call (``lax.scan``). One function is
-            compiled once per :func:`fit` call; shorter chunks (the last one, or
+        steps_per_call: steps per compiled call (``lax.scan``). One chunk
+            function serves the whole run; shorter chunks (the last one, or
             ones cut at checkpoint steps) reuse it and skip their unused steps
-            with ``lax.cond``.
+            with ``lax.cond``. It is also reused by later calls (see
+            "Compilation cache" below).
         progress: ``True``: a tqdm bar (plain prints without tqdm), ``"tqdm"``,
             ``"print"`` (one line per compiled call), ``False``: silent.
         log_every: aux metrics are recorded every ``log_every`` steps (the loss
@@ -517,6 +704,24 @@ def fit(
             ``eqx.is_inexact_array``; a bool pytree freezes parts). Only
             floating-point arrays are ever trained.
 
+    Compilation cache:
+        The compiled step is kept between calls (the 32 most recently used
+        programs), so fitting many images in a loop compiles once. A later
+        call reuses it when it has the same ``loss_fn``, ``optimizer``,
+        ``constraints`` and ``data_fn``, the same flags (``has_aux``,
+        ``nan_policy`` checking or not, ``track_best``), the same chunk length
+        (``min(steps_per_call, steps)``) and params/data of the same
+        structure, shapes and dtypes with equal non-array parts. Plain
+        functions and optimizers are compared by identity: create them once,
+        outside the loop (``optax.adam(1e-2)`` builds new functions on each
+        call; a closure over an image is a new function for each image). For
+        callables that carry arrays, pass an ``equinox.Module`` (its array
+        fields are traced arguments, its other fields compared by value) or a
+        ``functools.partial`` of a module-level function (array arguments
+        traced, the others compared by value). Callables, params or data with
+        unhashable non-array parts are compiled for their call only.
+        ``jax.clear_caches()`` frees the compiled code.
+
     Returns:
         A :class:`FitResult`.
 
@@ -530,7 +735,7 @@ def fit(
     if not callable(loss_fn):
         raise TypeError(f"fit: loss_fn must be callable, got {type(loss_fn).__name__}")
     if optimizer is None:
-        optimizer = optax.adam(1e-2)
+        optimizer = _default_optimizer()
     if _is_optimizer(data) and not isinstance(data, eqx.Module):
         raise TypeError(
             "fit: `data` (the 3rd positional argument) is an optax optimizer; pass it as optimizer=... "
@@ -579,34 +784,25 @@ def fit(
     if key is None:
         key = jax.random.PRNGKey(0)
     uses_data = data is not None or data_fn is not None
+    check = nan_policy != "ignore"
 
     def combine(d, s_arr):
         return eqx.combine(d, s_arr, static_rest)
 
-    def get_data(step, d_arr):
-        d = eqx.combine(d_arr, data_rest)
-        if data_fn is None:
-            return d
-        k = jax.random.fold_in(key, step)
-        return data_fn(k, step) if data is None else data_fn(k, step, d)
-
-    def call_loss(d, s_arr, batch):
-        p = combine(d, s_arr)
-        out = loss_fn(p, batch) if uses_data else loss_fn(p)
-        if has_aux:
-            if not (isinstance(out, tuple) and len(out) == 2):
-                raise TypeError(f"fit: with has_aux=True, loss_fn must return (loss, aux), got {type(out).__name__}")
-            loss, aux = out
-        else:
-            if isinstance(out, tuple):
-                raise TypeError("fit: loss_fn returned a tuple; pass has_aux=True to return (loss, aux)")
-            loss, aux = out, None
-        return loss, aux
+    # ---------------- the compiled step (cached across calls) ----------------
+    # The callables' array leaves (equinox.Module fields, partial arguments) are
+    # traced arguments; the rest of them, with the static parts of params and
+    # data and the flags, picks the cached step (see _get_step).
+    fns = (_as_pytree_callable(loss_fn), optimizer, _as_pytree_callable(constraints), _as_pytree_callable(data_fn))
+    fn_arr, fns_static = eqx.partition(fns, eqx.is_array)
+    step_fns = _get_step(_StepSpec(
+        fns=fns_static, static_rest=static_rest, data_rest=data_rest, filter_spec=filter_spec, has_aux=has_aux,
+        uses_data=uses_data, has_data=data is not None, check=check, track_best=track_best,
+    ))
+    key_arg = key if data_fn is not None else None
 
     # ---------------- validate loss_fn output ----------------
-    loss_shape, aux_shape = jax.eval_shape(
-        lambda d, s, da: call_loss(d, s, get_data(jnp.int32(0), da)), diff, static_arr, data_arr
-    )
+    loss_shape, aux_shape = step_fns.probe.eval_shape(diff, static_arr, data_arr, fn_arr, key_arg)
     if not hasattr(loss_shape, "shape") or loss_shape.shape != ():
         raise ValueError(
             f"fit: loss_fn must return a scalar loss, got shape {getattr(loss_shape, 'shape', type(loss_shape).__name__)}"
@@ -615,9 +811,6 @@ def fit(
     if not jnp.issubdtype(loss_shape.dtype, jnp.floating):
         raise TypeError(f"fit: loss_fn must return a real floating-point scalar, got dtype {loss_shape.dtype}")
     loss_dtype = loss_shape.dtype
-    aux_zero = jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), aux_shape)
-    check = nan_policy != "ignore"
-    extra_args = isinstance(optimizer, optax.GradientTransformationExtraArgs)
 
     # ---------------- initial state ----------------
     opt_state = _strong(optimizer.init(diff))
@@ -663,65 +856,8 @@ def fit(
     # ---------------- compiled chunk ----------------
     chunk_len = max(1, min(steps_per_call, steps - start)) if steps > start else 1
 
-    def do_step(c, step, s_arr, d_arr):
-        batch = get_data(step, d_arr)
-        (loss, aux), grads = jax.value_and_grad(call_loss, has_aux=True)(c["diff"], s_arr, batch)
-        loss = loss.astype(loss_dtype)
-        if extra_args:
-            # Line-search optimizers (optax.lbfgs, ...): pass the loss, the gradient
-            # and the loss as a function of the trainable params on this step's data.
-            updates, new_opt = optimizer.update(
-                grads, c["opt"], c["diff"], value=loss, grad=grads,
-                value_fn=lambda d: call_loss(d, s_arr, batch)[0].astype(loss_dtype),
-            )
-        else:
-            updates, new_opt = optimizer.update(grads, c["opt"], c["diff"])
-        new_diff = optax.apply_updates(c["diff"], updates)
-        if constraints is not None:
-            full = constraints(combine(new_diff, s_arr))
-            nd, _, _ = _split_params(full, filter_spec)
-            if jax.tree_util.tree_structure(nd) != jax.tree_util.tree_structure(new_diff):
-                raise ValueError("fit: constraints must return params with the same structure as params")
-            new_diff = jax.tree_util.tree_map(lambda a, b: a.astype(b.dtype), nd, new_diff)
-        new_diff = jax.tree_util.tree_map(lambda a, b: a.astype(b.dtype), new_diff, c["diff"])
-        new_opt = jax.tree_util.tree_map(
-            lambda a, b: a.astype(b.dtype) if eqx.is_array(b) and not _is_typed_key(b) else a, new_opt, c["opt"]
-        )
-        out = dict(c)
-        loss_ok = jnp.isfinite(loss)
-        if check:
-            grad_ok = _all_finite(grads)
-            par_ok = _all_finite(new_diff)
-            ok = loss_ok & grad_ok & par_ok
-            out["diff"] = _tree_where(ok, new_diff, c["diff"])
-            out["opt"] = _tree_where(ok, new_opt, c["opt"])
-            out["bad"] = jnp.logical_not(ok)
-            out["bad_step"] = jnp.where(ok, jnp.int32(-1), step).astype(jnp.int32)
-            out["bad_kind"] = jnp.where(ok, 0, jnp.where(~loss_ok, 1, jnp.where(~grad_ok, 2, 3))).astype(jnp.int32)
-            out["bad_loss"] = loss
-            applied = ok
-        else:
-            out["diff"], out["opt"] = new_diff, new_opt
-            applied = jnp.asarray(True)
-        if track_best:
-            improved = loss_ok & (loss < c["best_loss"]) & applied
-            out["best"] = _tree_where(improved, c["diff"], c["best"])
-            out["best_loss"] = jnp.where(improved, loss, c["best_loss"])
-            out["best_step"] = jnp.where(improved, step, c["best_step"]).astype(jnp.int32)
-        return out, (loss, aux, applied)
-
-    def skip_step(c, step, s_arr, d_arr):
-        return c, (jnp.asarray(jnp.nan, loss_dtype), aux_zero, jnp.asarray(False))
-
-    @jax.jit
-    def run_chunk(c, first, n_active, s_arr, d_arr):
-
-        def body(c, i):
-            step = (first + i).astype(jnp.int32)
-            active = (i < n_active) & jnp.logical_not(c["bad"])
-            return lax.cond(active, do_step, skip_step, c, step, s_arr, d_arr)
-
-        return lax.scan(body, c, jnp.arange(chunk_len, dtype=jnp.int32))
+    def run_chunk(c, first, n_active):
+        return step_fns.run_chunk(c, first, n_active, static_arr, data_arr, fn_arr, key_arg, chunk_len=chunk_len)
 
     # ---------------- helpers on the host ----------------
     def full_params(d):
@@ -804,9 +940,7 @@ def fit(
             n = min(chunk_len, steps - step)
             if every is not None:
                 n = min(n, every - step % every)
-            new_carry, (losses, auxs, applied) = run_chunk(
-                carry, jnp.int32(step), jnp.int32(n), static_arr, data_arr
-            )
+            new_carry, (losses, auxs, applied) = run_chunk(carry, jnp.int32(step), jnp.int32(n))
             applied = np.asarray(applied)
             n_done = int(applied.sum())
             losses = np.asarray(losses)[:n_done]

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from jaxrender.data.synthetic_face import synthetic_face_model
+from jaxrender.fit import _STEP_CACHE
 from jaxrender.morphable import fitting as F
 from jaxrender.raster import RasterSettings
 
@@ -55,18 +56,32 @@ def _similarity_align(src, dst):
     return s * (src - ms) @ R.T + md
 
 
-def test_landmark_fit_recovers_pose_and_identity(model, camera):
-    p, image, lm = _target(model, camera, 0)
-    r = F.fit_face(model, image, lm, camera=camera, steps=(200, 0), weights=NO_REG, lr=dict(id=0.1, exp=0.1))
-    assert set(r.stages) == {"landmark"}
-    err = np.linalg.norm(np.asarray(r.landmarks_2d) - lm, axis=1).mean()
-    assert err < 0.1, err
-    np.testing.assert_allclose(np.asarray(r.params["angles"]), np.asarray(p["angles"]), atol=np.deg2rad(3.0))
-    # shape in the model frame (landmarks alone leave some of it free): within 5% of the face size
-    v_true = _render(model, p, camera)[2]
-    verr = np.linalg.norm(np.asarray(r.vertices_model - v_true), axis=1).mean() / r.unit
-    assert verr < 0.05, verr
-    assert r.coeffs.shape == (model.num_id + model.num_exp + model.num_albedo + 38,)
+def test_landmark_fit_recovers_pose_and_identity(model, camera, monkeypatch):
+    traces = []
+    face_loss = F.face_loss
+
+    def counting_face_loss(*args, **kwargs):
+        traces.append(1)
+        return face_loss(*args, **kwargs)
+
+    monkeypatch.setattr(F, "face_loss", counting_face_loss)
+    _STEP_CACHE.clear()
+    for seed in (0, 7):
+        p, image, lm = _target(model, camera, seed)
+        r = F.fit_face(model, image, lm, camera=camera, steps=(200, 0), weights=NO_REG, lr=dict(id=0.1, exp=0.1))
+        if seed == 0:
+            n_first = len(traces)
+        assert set(r.stages) == {"landmark"}
+        err = np.linalg.norm(np.asarray(r.landmarks_2d) - lm, axis=1).mean()
+        assert err < 0.1, (seed, err)
+        np.testing.assert_allclose(np.asarray(r.params["angles"]), np.asarray(p["angles"]), atol=np.deg2rad(3.0))
+        # shape in the model frame (landmarks alone leave some of it free): within 5% of the face size
+        v_true = _render(model, p, camera)[2]
+        verr = np.linalg.norm(np.asarray(r.vertices_model - v_true), axis=1).mean() / r.unit
+        assert verr < 0.05, (seed, verr)
+        assert r.coeffs.shape == (model.num_id + model.num_exp + model.num_albedo + 38,)
+    # the second image reused the first one's compiled fit step (its loss was not traced again)
+    assert n_first > 0 and len(traces) == n_first
 
 
 def test_photometric_stage_lowers_loss(model, camera):

@@ -1,4 +1,5 @@
 """Tests for jaxrender.fit: the Optax fitting loop."""
+import importlib
 import os
 
 import equinox as eqx
@@ -20,6 +21,7 @@ from jaxrender.fit import (
     project_rotation,
     unit_norm,
 )
+from jaxrender.fit import _STEP_CACHE, _STEP_CACHE_SIZE
 
 TARGET = jnp.array([1.0, -2.0, 3.0])
 
@@ -86,11 +88,146 @@ def test_partial_chunk_compiles_once():
         traces.append(1)
         return quad(p)
 
+    _STEP_CACHE.clear()
     fit(loss, {"x": jnp.zeros(3)}, steps=50, steps_per_call=50, progress=False)
     n_one_chunk = len(traces)
     traces.clear()
+    _STEP_CACHE.clear()  # compile afresh: the 4 chunks of this run (last partial) share one compiled function
     fit(loss, {"x": jnp.zeros(3)}, steps=171, steps_per_call=50, progress=False)
-    assert len(traces) == n_one_chunk  # 4 chunks (last partial) reuse one compiled function
+    assert len(traces) == n_one_chunk
+
+
+def _counting(f):
+    """``f`` with a count of its Python calls (one per trace under jit)."""
+    def g(*args, **kwargs):
+        g.traces += 1
+        return f(*args, **kwargs)
+    g.traces = 0
+    return g
+
+
+def test_repeated_fit_reuses_the_compiled_step():
+    loss = _counting(quad)
+    opt = optax.adam(0.05)
+    targets = [jnp.array([1.0, -2.0, 3.0]), jnp.array([0.5, 4.0, -1.0])]
+    results = []
+    for t in targets:
+        results.append(fit(loss, {"x": jnp.zeros(3)}, t, opt, steps=60, steps_per_call=25, progress=False))
+        if len(results) == 1:
+            assert loss.traces > 0
+            first_traces = loss.traces
+    assert loss.traces == first_traces  # the second fit (other data, same shapes) traced nothing
+    # ... and ran on its own data: the same numbers as a fit compiled afresh
+    _STEP_CACHE.clear()
+    fresh = fit(quad, {"x": jnp.zeros(3)}, targets[1], opt, steps=60, steps_per_call=25, progress=False)
+    np.testing.assert_array_equal(results[1].params["x"], fresh.params["x"])
+    np.testing.assert_array_equal(results[1].history["loss"], fresh.history["loss"])
+    assert not np.allclose(results[0].params["x"], results[1].params["x"])
+    # other shapes compile again (and still fit)
+    n = loss.traces
+    r4 = fit(loss, {"x": jnp.zeros(4)}, jnp.arange(4.0), opt, steps=300, progress=False)
+    assert loss.traces > n
+    np.testing.assert_allclose(r4.params["x"], np.arange(4.0), atol=1e-2)
+    # the default optimizer is one shared object too
+    n = loss.traces
+    fit(loss, {"x": jnp.zeros(3)}, targets[0], steps=10, progress=False)
+    m = loss.traces
+    fit(loss, {"x": jnp.zeros(3)}, targets[1], steps=10, progress=False)
+    assert m > n and loss.traces == m
+    # a new optimizer object (optax builds new functions) compiles again
+    fit(loss, {"x": jnp.zeros(3)}, targets[0], optax.adam(0.05), steps=60, steps_per_call=25, progress=False)
+    assert loss.traces > m
+
+
+class QuadLoss(eqx.Module):
+    target: jax.Array
+    power: int = eqx.field(static=True)
+    calls: list = eqx.field(static=True)  # a trace counter (static: compared by identity)
+
+    def __call__(self, p):
+        self.calls.append(1)
+        return jnp.sum(jnp.abs(p["x"] - self.target) ** self.power)
+
+
+def _quad_to(p, target, scale=1.0):
+    return scale * jnp.sum((p["x"] - target) ** 2)
+
+
+def test_module_and_partial_losses_are_cached_with_traced_arrays():
+    calls = []
+    t1, t2 = jnp.array([1.0, -2.0, 3.0]), jnp.array([-3.0, 0.5, 2.0])
+    opt = optax.adam(0.1)
+    r1 = fit(QuadLoss(t1, 2, calls), {"x": jnp.zeros(3)}, None, opt, steps=300, progress=False)
+    n = len(calls)
+    r2 = fit(QuadLoss(t2, 2, calls), {"x": jnp.zeros(3)}, None, opt, steps=300, progress=False)
+    assert len(calls) == n  # an equal module with other arrays: no new trace ...
+    np.testing.assert_allclose(r1.params["x"], t1, atol=1e-3)
+    np.testing.assert_allclose(r2.params["x"], t2, atol=1e-3)  # ... and its arrays are not baked in
+    _STEP_CACHE.clear()
+    r2_fresh = fit(QuadLoss(t2, 2, calls), {"x": jnp.zeros(3)}, None, opt, steps=300, progress=False)
+    np.testing.assert_array_equal(r2.params["x"], r2_fresh.params["x"])
+    n = len(calls)
+    fit(QuadLoss(t2, 4, calls), {"x": jnp.zeros(3)}, None, opt, steps=300, progress=False)
+    assert len(calls) > n  # another static field: another program
+
+    # functools.partial of a module-level function: its array arguments are traced
+    import functools
+
+    counted = _counting(_quad_to)
+    ra = fit(functools.partial(counted, target=t1), {"x": jnp.zeros(3)}, None, opt, steps=300, progress=False)
+    n = counted.traces
+    rb = fit(functools.partial(counted, target=t2), {"x": jnp.zeros(3)}, None, opt, steps=300, progress=False)
+    assert counted.traces == n
+    np.testing.assert_allclose(ra.params["x"], t1, atol=1e-3)
+    np.testing.assert_allclose(rb.params["x"], t2, atol=1e-3)
+    fit(functools.partial(counted, target=t2, scale=2.0), {"x": jnp.zeros(3)}, None, opt, steps=300, progress=False)
+    assert counted.traces > n  # a non-array argument is part of the program
+
+
+def test_cached_step_keeps_per_call_state():
+    # NaN stop, data_fn keys and resume must come from this call, not the cached program's first one.
+    loss = _counting(lambda p, d: jnp.sum((p["x"] - d) ** 2) + jnp.sqrt(d[0]))
+    opt = optax.adam(0.05)
+    good = fit(loss, {"x": jnp.zeros(3)}, jnp.array([1.0, 2.0, 3.0]), opt, steps=20, progress=False)
+    assert good.stopped_reason == "completed"
+    n = loss.traces
+    with pytest.warns(RuntimeWarning, match="non-finite loss at step 0"):
+        bad = fit(loss, {"x": jnp.zeros(3)}, jnp.array([-1.0, 2.0, 3.0]), opt, steps=20, progress=False)
+    assert loss.traces == n and bad.bad_step == 0 and bad.steps_run == 0
+    np.testing.assert_array_equal(bad.params["x"], np.zeros(3))
+    again = fit(loss, {"x": jnp.zeros(3)}, jnp.array([1.0, 2.0, 3.0]), opt, steps=20, progress=False)
+    np.testing.assert_array_equal(again.params["x"], good.params["x"])
+
+    dfn = lambda k, s, d: d + jax.random.normal(k, (3,))  # noqa: E731
+    kw = dict(data_fn=dfn, steps=15, steps_per_call=4, progress=False)
+    r1 = fit(quad, {"x": jnp.zeros(3)}, TARGET, opt, key=jax.random.PRNGKey(1), **kw)
+    r2 = fit(quad, {"x": jnp.zeros(3)}, TARGET, opt, key=jax.random.PRNGKey(2), **kw)
+    assert not np.allclose(r1.params["x"], r2.params["x"])  # the key is an argument, not a baked constant
+    _STEP_CACHE.clear()
+    r2_fresh = fit(quad, {"x": jnp.zeros(3)}, TARGET, opt, key=jax.random.PRNGKey(2), **kw)
+    np.testing.assert_array_equal(r2.params["x"], r2_fresh.params["x"])
+
+
+def test_step_cache_is_bounded_and_unhashable_statics_still_fit(monkeypatch):
+    assert _STEP_CACHE_SIZE == 32
+    monkeypatch.setattr(importlib.import_module("jaxrender.fit"), "_STEP_CACHE_SIZE", 3)
+    _STEP_CACHE.clear()
+    losses = [_counting(lambda p, i=i: quad(p) + i) for i in range(5)]  # 5 programs
+    for f in losses:
+        fit(f, {"x": jnp.zeros(3)}, steps=2, progress=False)
+    assert len(_STEP_CACHE) == 3
+    traces = [f.traces for f in losses]
+    for f in losses[::-1]:  # most recent first, so the refits evict nothing still to be checked
+        fit(f, {"x": jnp.zeros(3)}, steps=2, progress=False)
+    assert [f.traces - t for f, t in zip(losses, traces)] == [2, 2, 0, 0, 0]  # the least recently used went
+    # a non-array leaf that cannot be hashed (here in data) just skips the cache
+    loss = _counting(lambda p, d: quad(p, d["t"]))
+    data = {"t": TARGET, "tags": {"a", "b"}}
+    r1 = fit(loss, {"x": jnp.zeros(3)}, data, optax.adam(0.1), steps=300, progress=False)
+    n = loss.traces
+    fit(loss, {"x": jnp.zeros(3)}, data, optax.adam(0.1), steps=3, progress=False)
+    assert loss.traces > n
+    np.testing.assert_allclose(r1.params["x"], TARGET, atol=1e-3)
 
 
 class Model(eqx.Module):

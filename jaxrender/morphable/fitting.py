@@ -34,6 +34,7 @@ uses the same terms. See :data:`DEFAULT_WEIGHTS` and ``docs/faces.md``.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Mapping, Optional, Sequence
 
 import equinox as eqx
@@ -325,11 +326,23 @@ def _optimizer(lrs, frozen=(), steps: int = 0, final_lr: Optional[float] = None)
     With ``final_lr`` (a fraction) each rate falls along a cosine to
     ``final_lr`` times itself over ``steps`` steps, so the last steps do not
     jitter by a constant-rate Adam step.
+
+    The same arguments give the same object, so repeated fits reuse
+    :func:`jaxrender.fit.fit`'s compiled step (it knows optimizers by identity).
     """
+    args = (tuple(lrs[k] for k in _GROUPS), tuple(frozen), int(steps), final_lr)
+    try:
+        return _cached_optimizer(*args)
+    except TypeError:  # an unhashable rate (e.g. a jax array): a new optimizer, compiled anew
+        return _cached_optimizer.__wrapped__(*args)
+
+
+@functools.lru_cache(maxsize=64, typed=True)
+def _cached_optimizer(rates, frozen, steps, final_lr):
     def rate(lr):
         return lr if final_lr is None or steps <= 0 else optax.cosine_decay_schedule(lr, steps, alpha=final_lr)
 
-    opts = {k: (optax.set_to_zero() if k in frozen else optax.adam(rate(lrs[k]))) for k in _GROUPS}
+    opts = {k: (optax.set_to_zero() if k in frozen else optax.adam(rate(lr))) for k, lr in zip(_GROUPS, rates)}
     opts["frozen"] = optax.set_to_zero()
 
     def labels(p):
@@ -339,9 +352,13 @@ def _optimizer(lrs, frozen=(), steps: int = 0, final_lr: Optional[float] = None)
 
 
 def _constraint(bound):
-    if bound is None:
-        return None
-    return clamp(-float(bound), float(bound), where=lambda p: (p["id"], p["exp"], p["tex"]))
+    return None if bound is None else _cached_constraint(float(bound))
+
+
+@functools.lru_cache(maxsize=16)
+def _cached_constraint(bound):
+    # One object per bound, for the same reason as _optimizer.
+    return clamp(-bound, bound, where=lambda p: (p["id"], p["exp"], p["tex"]))
 
 
 def _settings(image_size, soft: bool, faces_per_pixel: int, blur_radius):
@@ -366,6 +383,68 @@ def _steps(steps):
         return steps, steps
     a, b = steps
     return int(a), int(b)
+
+
+# ----------------------------------------------------------------------------
+# Losses handed to fit
+# ----------------------------------------------------------------------------
+# Modules rather than closures: jaxrender.fit.fit traces their arrays (the
+# model, the previous window's last frame) as arguments and compares the other
+# fields by value, so later fits of same-sized images, batches and windows
+# reuse its compiled step instead of compiling again.
+
+
+class _BatchedLoss(eqx.Module):
+    """:func:`fit_faces_batched`'s loss: :func:`face_loss` of every image
+    (``jax.vmap`` over ``in_axes`` of the data), summed; aux: the mean terms."""
+
+    model: MorphableModel
+    weights: dict
+    settings: Optional[RasterSettings]
+    hard: bool
+    sigma: float
+    in_axes: dict
+
+    def __call__(self, p, d):
+        def one(pp, dd):
+            return face_loss(self.model, pp, dd, self.weights, self.settings, hard=self.hard, sigma=self.sigma)
+
+        loss, terms = jax.vmap(one, in_axes=(0, self.in_axes))(p, d)
+        return jnp.sum(loss), {k: jnp.mean(v) for k, v in terms.items()}
+
+
+_TRACK_AXES = dict(camera=None, image=0, mask=0, landmarks=0, lm_weights=None, unit=None)
+
+
+class _TrackLoss(eqx.Module):
+    """:func:`track_face`'s loss of a set of frames: mean per-frame
+    :func:`face_loss` (shared ``id``/``tex``), their regulariser and, with
+    ``smooth``, the temporal term linking the first frame to ``prev``."""
+
+    model: MorphableModel
+    weights: dict
+    settings: Optional[RasterSettings]
+    hard: bool
+    prev: Optional[dict]
+    smooth: bool
+
+    def __call__(self, params, d):
+        w = self.weights
+        per = {k: params[k] for k in _PER_FRAME}
+        shared = {"id": params["id"], "tex": params["tex"]}
+
+        def one(pf, dd):
+            return face_loss(self.model, {**pf, **shared}, dd, w, self.settings, hard=self.hard, sigma=1e-6,
+                             regularize=("exp",))
+
+        loss, terms = jax.vmap(one, in_axes=(0, _TRACK_AXES))(per, d)
+        total = jnp.mean(loss) + _reg(shared, w, ("id", "tex"))
+        if not self.smooth:  # key frames are far apart in time
+            return total, {k: jnp.mean(v) for k, v in terms.items()}
+        prev = self.prev
+        sm = sum(_smooth(params[k], None if prev is None else prev[k]) for k in _PER_FRAME)
+        total = total + w["smooth"] * sm
+        return total, {**{k: jnp.mean(v) for k, v in terms.items()}, "smooth": sm}
 
 
 # ----------------------------------------------------------------------------
@@ -448,12 +527,7 @@ def fit_faces_batched(model: MorphableModel, images, landmarks=None, masks=None,
     stages = {}
 
     def make_loss(st):
-        def loss_fn(p, d):
-            per = jax.vmap(lambda pp, dd: face_loss(model, pp, dd, w, st, hard=not soft, sigma=sigma),
-                           in_axes=(0, in_axes))(p, d)
-            loss, terms = per
-            return jnp.sum(loss), {k: jnp.mean(v) for k, v in terms.items()}
-        return loss_fn
+        return _BatchedLoss(model, w, st, not soft, sigma, in_axes)
 
     if landmarks is not None and s_lm > 0:
         r = fit(make_loss(None), params, data, _optimizer(lrs, frozen=("tex", "gamma")), s_lm, constraints=cons,
@@ -630,23 +704,8 @@ def track_face(model: MorphableModel, frames, landmarks_per_frame, masks=None, *
     lm_w = landmark_weights(model.num_landmarks, frames.dtype)
     stages = {}
 
-    def frame_loss(p, d, st):
-        return face_loss(model, p, d, w, st, hard=not soft, sigma=1e-6, regularize=("exp",))
-
     def make_loss(st, prev, smooth=True):
-        def loss_fn(params, d):
-            per = {k: params[k] for k in _PER_FRAME}
-            shared = {"id": params["id"], "tex": params["tex"]}
-            fl = lambda pf, dd: frame_loss({**pf, **shared}, dd, st)  # noqa: E731
-            loss, terms = jax.vmap(fl, in_axes=(0, dict(camera=None, image=0, mask=0, landmarks=0, lm_weights=None,
-                                                            unit=None)))(per, d)
-            total = jnp.mean(loss) + _reg(shared, w, ("id", "tex"))
-            if not smooth:  # key frames are far apart in time
-                return total, {k: jnp.mean(v) for k, v in terms.items()}
-            sm = sum(_smooth(params[k], None if prev is None else prev[k]) for k in _PER_FRAME)
-            total = total + w["smooth"] * sm
-            return total, {**{k: jnp.mean(v) for k, v in terms.items()}, "smooth": sm}
-        return loss_fn
+        return _TrackLoss(model, w, st, not soft, prev, smooth)
 
     def data_for(idx):
         return dict(camera=camera, image=frames[idx], mask=masks[idx], landmarks=lms[idx], lm_weights=lm_w, unit=unit)
