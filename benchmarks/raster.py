@@ -32,10 +32,9 @@ import numpy as np
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 import jaxrender as jr  # noqa: E402
-from jaxrender.blend import BlendParams, sigmoid_alpha_blend  # noqa: E402
+from jaxrender.blend import BlendParams  # noqa: E402
 from jaxrender.lighting import AmbientLight, PointLight  # noqa: E402
 from jaxrender.raster import select_faces  # noqa: E402
-from jaxrender.render import render_bands  # noqa: E402
 
 SCENES = {
     "small_256_b1": (36, 36, 256, 1),
@@ -92,8 +91,8 @@ def workload(kind, size, capacity, bin_size, backend=None, **extra):
         if kind.startswith("select_k"):  # the selection pass alone (no shading, no blending)
             fr = select_faces(jr.project(cam, v), faces, s, znear=cam.znear, zfar=cam.zfar)
             return (fr[0] >= 0).astype(v.dtype)[..., :1], fr[1], fr[2]
-        img, fr = render_bands(mesh, cam, s, lambda f, _: sigmoid_alpha_blend(f, SIGMA)[..., None])
-        return img, fr.num_overflow, fr.max_bin_count
+        img, fr = jr.render_silhouette(mesh, cam, s, sigma=SIGMA, return_fragments=True)
+        return img[..., None], fr.num_overflow, fr.max_bin_count
 
     return s, render_one
 

@@ -89,6 +89,56 @@ def render_bands(mesh: Mesh, camera: camera_lib.Camera, settings: RasterSettings
     return out, Fragments(face_idx, None, None, None, overflow, max_count, culled, truncated)
 
 
+def _fused_render(mesh: Mesh, camera, settings: RasterSettings, mode, shading="unlit", attrs=None, names=(),
+                  lights=None, material=None, blend=None, sigma=None):
+    """Render with the fused GPU kernels when they support the request; ``None`` otherwise.
+
+    Returns ``(image (H, W, C), stats)`` as :func:`render_bands` does.
+    """
+    from .raster import fused
+    from .raster.pallas_select import MAX_PALLAS_K, resolve_backend
+    from .raster.rasterize import _select_valid
+
+    k = settings.faces_per_pixel
+    bs = settings.resolved_bin_size
+    if (not settings.fused or k > MAX_PALLAS_K or bs & (bs - 1) or mesh.faces.shape[0] == 0
+            or mesh.vertices.dtype != jnp.float32 or mesh.texture is not None
+            or (mode != "silhouette" and shading not in fused.SHADINGS)):
+        return None
+    if not settings.pallas_interpret and resolve_backend(settings.backend, k) != "pallas":
+        return None
+    kinds, sp = (), jnp.zeros((0,), jnp.float32)
+    if shading == "phong":
+        plan = fused.shading_params(shading, default_lights() if lights is None else lights, material,
+                                    camera_lib.camera_center(camera))
+        if plan is None:
+            return None
+        kinds, sp = plan
+    if mode == "silhouette":
+        bp = fused.blend_params(mode, sigma=sigma)
+    elif mode == "hard":
+        bp = fused.blend_params(mode, background=blend.background)
+    else:
+        bp = fused.blend_params(mode, blend.sigma, blend.gamma, camera.znear, camera.zfar, blend.background)
+    if bp.shape[-1] != (1 if mode == "silhouette" else 7 if mode == "soft" else 3):
+        return None  # e.g. a background that is not RGB
+    sv = camera_lib.project(camera, mesh.vertices)
+    faces = mesh.faces.astype(jnp.int32)
+    lists, face_idx, overflow, max_count, culled, truncated = _select_valid(
+        sv, faces, settings, camera.znear, camera.zfar, tiles=True)
+    cfg = fused.Config(
+        mode=mode, shading="none" if mode == "silhouette" else shading, point_lights=kinds,
+        has_albedo=any(n == "albedo" for n, _ in names), n_attr=0 if attrs is None else attrs.shape[-1],
+        n_shade=sp.shape[0], n_blend=bp.shape[0], image_size=tuple(settings.image_size), bin_size=bs,
+        faces_per_pixel=k, slots=lists.shape[1],
+        geo=(("perspective_correct", settings.perspective_correct),
+             ("clip_barycentrics", settings.resolved_clip_barycentrics),
+             ("ndc_per_pixel", settings.ndc_per_pixel)),
+        num_warps=settings.pallas_num_warps, interpret=settings.pallas_interpret)
+    img = fused.fused_render(sv, faces, attrs, jnp.concatenate([sp, bp]), lists, cfg)
+    return img, Fragments(face_idx, None, None, None, overflow, max_count, culled, truncated)
+
+
 def _vertex_attributes(mesh: Mesh, camera, lights, shading, material):
     """Per-vertex values the shading needs, packed into one ``(V, C)`` array.
 
@@ -238,18 +288,29 @@ def render_mesh(mesh: Mesh, camera: camera_lib.Camera, lights=None, settings: Un
             return hard_rgb_blend(colors, fr, blend.background)
         return softmax_rgb_blend(colors, fr, blend, camera.znear, camera.zfar)
 
-    img, stats = render_bands(mesh, camera, settings, pixels, attrs)
+    _check_size(camera, settings)
+    out = _fused_render(mesh, camera, settings, "hard" if hard else "soft", shading, attrs, names, lights,
+                        material, blend)
+    img, stats = render_bands(mesh, camera, settings, pixels, attrs) if out is None else out
     return (img, stats) if return_fragments else img
 
 
 def render_silhouette(mesh: Mesh, camera: camera_lib.Camera, settings: Union[RasterSettings, None] = None,
-                      sigma=1e-4) -> Array:
+                      sigma=1e-4, return_fragments: bool = False) -> Array:
     """Soft silhouette ``1 - prod_k (1 - sigmoid(-dist_k / sigma))``, shape ``(H, W)``.
 
     With ``blur_radius = 0`` and ``K = 1`` this is the hard mask.
+    ``return_fragments`` also returns the face indices and overflow
+    statistics as :func:`render_mesh` does.
     """
     settings = RasterSettings(image_size=(camera.height, camera.width)) if settings is None else settings
-    return render_bands(mesh, camera, settings, lambda fr, _: sigmoid_alpha_blend(fr, sigma))[0]
+    _check_size(camera, settings)
+    out = _fused_render(mesh, camera, settings, "silhouette", sigma=sigma)
+    if out is None:
+        img, stats = render_bands(mesh, camera, settings, lambda fr, _: sigmoid_alpha_blend(fr, sigma))
+    else:
+        img, stats = out[0][..., 0], out[1]
+    return (img, stats) if return_fragments else img
 
 
 def render_depth(mesh: Mesh, camera: camera_lib.Camera, settings: Union[RasterSettings, None] = None,

@@ -89,7 +89,7 @@ def _pow2(n: int) -> int:
 
 
 def _kernel(starts_ref, counts_ref, faces_ref, x0_ref, y0_ref, z0_ref, x1_ref, y1_ref, z1_ref, x2_ref, y2_ref,
-            z2_ref, znear_ref, out_face_ref, out_key_ref, out_reach_ref, *, bs, nbx, k, kp, block, capacity, blur,
+            z2_ref, znear_ref, out_face_ref, out_reach_ref, *, bs, nbx, k, kp, block, capacity, blur,
             geo, depth_exit):
     t = pl.program_id(0)
     start = starts_ref[t]
@@ -146,8 +146,9 @@ def _kernel(starts_ref, counts_ref, faces_ref, x0_ref, y0_ref, z0_ref, x1_ref, y
             lambda st: (st[0] + 1, run_block(*st)), (jnp.zeros((), jnp.int32), init))
     else:
         keys, faces, n_reach = jax.lax.fori_loop(0, n_blocks, run_block, init)
+    # A slot holds a face only once a candidate within reach (finite key)
+    # entered it, so empty slots are still -1.
     for s in range(kp):
-        out_key_ref[0, s, :] = keys[s] if s < k else jnp.full((npix,), jnp.inf, jnp.float32)
         out_face_ref[0, s, :] = faces[s] if s < k else jnp.full((npix,), -1, jnp.int32)
     out_reach_ref[0, :] = n_reach
 
@@ -159,10 +160,12 @@ def select_pallas(tri, face_s, starts, counts, znear, *, settings, nby, nbx, dep
     vertex depth (see ``_bin_faces``) and a tile stops once no later
     candidate can enter any pixel's list.
 
-    Returns ``(faces (T, bs*bs, K) int32 sorted by (depth, face), reach (T, bs*bs) int32)``
-    where ``reach`` counts the faces that reach each pixel (exactly up to
-    ``K + 1``; beyond that it may stop counting when ``depth_exit`` ends a
-    tile early).
+    Returns ``(faces (T, Kp, bs*bs) int32, reach (T, bs*bs) int32)``: each
+    pixel's faces sorted by (depth, face) in slots ``0..K-1`` (``-1`` for
+    none; ``Kp`` is ``K`` rounded up to a power of two, the extra slots are
+    ``-1``), and ``reach``, the number of faces that reach each pixel
+    (exactly up to ``K + 1``; beyond that it may stop counting when
+    ``depth_exit`` ends a tile early).
     """
     bs = settings.resolved_bin_size
     k = settings.faces_per_pixel
@@ -185,20 +188,15 @@ def select_pallas(tri, face_s, starts, counts, znear, *, settings, nby, nbx, dep
     kernel = functools.partial(
         _kernel, bs=bs, nbx=nbx, k=k, kp=kp, block=block,
         capacity=settings.resolved_max_faces_per_bin(f), blur=settings.blur_radius, geo=geo, depth_exit=depth_exit)
-    out_face, out_key, out_reach = pl.pallas_call(
+    out_face, out_reach = pl.pallas_call(
         kernel,
         grid=(num_tiles,),
         out_shape=(jax.ShapeDtypeStruct((num_tiles, kp, npix), jnp.int32),
-                   jax.ShapeDtypeStruct((num_tiles, kp, npix), jnp.float32),
                    jax.ShapeDtypeStruct((num_tiles, npix), jnp.int32)),
         out_specs=(pl.BlockSpec((1, kp, npix), lambda t: (t, 0, 0)),
-                   pl.BlockSpec((1, kp, npix), lambda t: (t, 0, 0)),
                    pl.BlockSpec((1, npix), lambda t: (t, 0))),
         compiler_params=None if interpret else plgpu.CompilerParams(num_warps=settings.pallas_num_warps),
         interpret=interpret,
         name="jaxrender_select",
     )(starts_p, counts_p, faces_p, *cols, jnp.reshape(znear, (1,)).astype(jnp.float32))
-    # The lists are already sorted by (depth, face), empty slots (inf) last.
-    key = jnp.swapaxes(out_key, 1, 2)[..., :k]
-    face = jnp.where(jnp.isfinite(key), jnp.swapaxes(out_face, 1, 2)[..., :k], -1)
-    return face.astype(jnp.int32), out_reach
+    return out_face, out_reach

@@ -230,7 +230,7 @@ def _bin_faces(tri, valid, settings: RasterSettings, num_bins_y: int, num_bins_x
     return face_s.astype(jnp.int32), starts, counts, jnp.maximum(total - budget, 0).astype(jnp.int32)
 
 
-def _select_faces(tri, valid, settings: RasterSettings, znear):
+def _select_faces(tri, valid, settings: RasterSettings, znear, tiles=False):
     """The non-differentiable pass: ``(H, W, K)`` face indices and statistics.
 
     Tiles are sorted by candidate count and processed ``bin_chunk`` at a
@@ -259,9 +259,13 @@ def _select_faces(tri, valid, settings: RasterSettings, znear):
 
     if use_pallas:
         from .pallas_select import select_pallas
-        sel, n_reach = select_pallas(tri, face_s, starts, counts, znear, settings=settings, nby=nby, nbx=nbx,
-                                     depth_exit=depth_exit, interpret=settings.pallas_interpret)
-        return _finish_selection(sel, n_reach, counts, capacity, pair_overflow, settings, nby, nbx)
+        lists, n_reach = select_pallas(tri, face_s, starts, counts, znear, settings=settings, nby=nby, nbx=nbx,
+                                       depth_exit=depth_exit, interpret=settings.pallas_interpret)
+        sel = jnp.swapaxes(lists, 1, 2)[..., :k]  # lists are sorted by (depth, face), empty slots last
+        out = _finish_selection(sel, n_reach, counts, capacity, pair_overflow, settings, nby, nbx)
+        return (lists,) + out if tiles else out
+    if tiles:
+        raise ValueError("the tile layout of the selection is only produced by the Pallas kernel")
 
     # Busy tiles together, so a chunk's loop length fits all its tiles.
     order = jnp.argsort(-counts)
@@ -352,13 +356,20 @@ def select_faces(screen_verts, faces, settings: RasterSettings, *, znear=1e-3, z
     zero = jnp.zeros((), jnp.int32)
     if faces.shape[0] == 0:
         return jnp.full((h, w, k), -1, jnp.int32), zero, zero, zero, zero
+    return _select_valid(screen_verts, faces, settings, znear, zfar)
+
+
+def _select_valid(screen_verts, faces, settings: RasterSettings, znear, zfar, tiles=False):
+    """:func:`select_faces` for at least one face; with ``tiles`` (Pallas path only) the
+    per-tile lists ``(T, Kp, bin_size**2)`` of the kernel come first."""
     dtype = screen_verts.dtype
     znear = jax.lax.stop_gradient(jnp.asarray(znear, dtype))
     zfar = jax.lax.stop_gradient(jnp.asarray(zfar, dtype))
     tri = jax.lax.stop_gradient(screen_verts)[faces]
     valid = face_validity(tri, settings, znear, zfar)
-    face_idx, num_overflow, max_bin_count, num_truncated = _select_faces(tri, valid, settings, znear)
-    return face_idx, num_overflow, max_bin_count, jnp.sum(~valid).astype(jnp.int32), num_truncated
+    out = _select_faces(tri, valid, settings, znear, tiles=tiles)
+    culled = jnp.sum(~valid).astype(jnp.int32)
+    return out[:-1] + (culled, out[-1])
 
 
 def rasterize(screen_verts, faces, settings: RasterSettings, *, znear=1e-3, zfar=jnp.inf, vertex_attrs=None):
@@ -478,7 +489,8 @@ def recompute_fragments(screen_verts, faces, face_idx, settings: RasterSettings,
     )
     attrs = None
     if vertex_attrs is not None:
-        attrs = jnp.einsum("hwkv,hwkvc->hwkc", jnp.where(mask[..., None], bary, 0.0), frag[..., 3:])
+        attrs = jnp.einsum("hwkv,hwkvc->hwkc", jnp.where(mask[..., None], bary, 0.0), frag[..., 3:],
+                           precision=jax.lax.Precision.HIGHEST)
         attrs = jnp.where(mask[..., None], attrs, 0.0)
     bary = jnp.where(mask[..., None], bary, -1.0)
     depth = jnp.where(mask, depth, -1.0)
@@ -520,5 +532,5 @@ def interpolate_face_attrs(face_vertex_attrs, fragments: Fragments):
     attrs = gather_rows(face_vertex_attrs.reshape(nf, 3 * c), fragments.face_idx)
     attrs = attrs.reshape(fragments.face_idx.shape + (3, c))  # (H, W, K, 3, C)
     bary = jnp.where(mask[..., None], fragments.bary, 0.0).astype(attrs.dtype)
-    out = jnp.einsum("hwkv,hwkvc->hwkc", bary, attrs)
+    out = jnp.einsum("hwkv,hwkvc->hwkc", bary, attrs, precision=jax.lax.Precision.HIGHEST)
     return jnp.where(mask[..., None], out, 0.0)

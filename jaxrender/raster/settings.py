@@ -52,8 +52,13 @@ class RasterSettings(eqx.Module):
         (``rows * W * K``), each rematerialized in the backward pass, so the
         memory of forward + backward is bounded by one band instead of the
         whole ``(H, W, K)`` fragment set. ``None``: ``2**18``; ``0``: one band.
-      pallas_interpret: run the Pallas kernel in interpret mode (any
-        backend; slow; for testing the kernel on the CPU).
+      pallas_interpret: run the Pallas kernels in interpret mode (any
+        backend; slow; for testing the kernels on the CPU).
+      fused: on the Pallas backend, let :func:`jaxrender.render_mesh` (Phong,
+        Gouraud and unlit shading of vertex colours; soft or hard blend) and
+        :func:`jaxrender.render_silhouette` shade and blend in fused GPU
+        kernels with a fused backward pass (``raster/fused.py``) instead of
+        XLA's banded path; the results agree to float32 rounding.
       max_tile_pairs: static budget of (face, tile) pairs the binning may
         emit in all: each face emits one pair per tile its bounding box
         (grown by the blur radius) touches. Pairs beyond it are dropped and
@@ -94,6 +99,7 @@ class RasterSettings(eqx.Module):
     pallas_num_warps: int = eqx.field(static=True, default=4)
     pallas_interpret: bool = eqx.field(static=True, default=False)
     max_fragments_per_band: Union[int, None] = eqx.field(static=True, default=None)
+    fused: bool = eqx.field(static=True, default=True)
 
     def __check_init__(self):
         h, w = self.image_size
