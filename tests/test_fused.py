@@ -129,10 +129,10 @@ GPU_CASES = [  # mode, shading, K, blur, extra settings
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("case", GPU_CASES)
-@pytest.mark.parametrize("degenerate", [False, True])
-def test_fused_gpu_matches_xla(case, degenerate):
+def test_fused_gpu_matches_xla(case):
+    """Every case's mesh also holds duplicated and zero-area faces (each case compiles ~30 s of kernels)."""
     mode, shading, K, blur, kw = case
-    _compare(True, mode, shading, K, blur, seed=K, degenerate=degenerate, **kw)
+    _compare(True, mode, shading, K, blur, seed=K, degenerate=True, **kw)
 
 
 @pytest.mark.gpu

@@ -34,6 +34,7 @@ from typing import NamedTuple, Tuple
 import jax
 import jax.numpy as jnp
 
+from ._atomics import atomic_add_relaxed
 from .pallas_select import _pow2
 from .rasterize import geometry_core
 
@@ -376,7 +377,7 @@ def _backward_kernel(lists_ref, ct_ref, tab_ref, prm_ref, gtab_in_ref, gtab_ref,
             if cfg.interpret:  # interpret mode's atomics drop repeated indices: a scatter-add instead
                 gtab_ref[...] = gtab_ref[...].at[base + c].add(jnp.where(live, g_cs[c], 0.0))
             else:
-                plgpu.atomic_add(gtab_ref, base + c, g_cs[c], mask=live)
+                atomic_add_relaxed(gtab_ref, base + c, g_cs[c], mask=live)
         g_sp = tuple(a + jnp.where(live, b, 0.0) for a, b in zip(g_sp, g_sp_s))
         g_bp = tuple(a + jnp.where(inside, b, 0.0) for a, b in zip(g_bp, g_bp_s))  # already 0 where empty
         return g_sp, g_bp
