@@ -642,6 +642,9 @@ def render_volume(
     background=None,
     return_weights: bool = False,
     save_samples: bool = True,
+    backend: Optional[str] = None,
+    interpret: bool = False,
+    pallas_options: Optional[dict] = None,
 ):
     """Render a voxel grid by ray marching (emission–absorption).
 
@@ -672,6 +675,22 @@ def render_volume(
         return_weights: also return the per-sample weights ``(..., S)``.
         save_samples: keep the sampled values for the backward pass (faster,
             ``4 (1 + C) S`` bytes per ray in float32) instead of re-gathering.
+            XLA path only.
+        backend: ``None`` / ``"auto"``: the fused GPU kernels
+            (:mod:`jaxrender.volume_pallas`) on a GPU with Pallas' Triton
+            backend when they support the options (float32, at most
+            ``volume_pallas.MAX_CHANNELS`` table channels, no
+            ``return_weights``), else XLA; ``"xla"``: always XLA (the
+            reference, and the CPU path); ``"pallas"``: the kernels, raising
+            if they do not support the options. The kernels march all rays at
+            once (``chunk_size`` then only decides how the jittered depths are
+            drawn, so both paths sample the same depths) and need one float
+            per ray and sample for the backward pass.
+        interpret: run the kernels in Pallas' interpret mode (any device;
+            tests). With ``backend=None`` / ``"auto"`` it selects them.
+        pallas_options: kernel tuning, keys of
+            ``volume_pallas.DEFAULT_OPTIONS`` (``block_rays``, ``num_warps``,
+            ``merge_corners``).
 
     Returns:
         dict with ``opacity`` ``(...)`` and, except in ``"absorption"`` mode,
@@ -699,6 +718,31 @@ def render_volume(
     check_shape(rays.origins, "rays.origins", (3,), batch_ok=True)
     check_shape(rays.directions, "rays.directions", (3,), batch_ok=True)
 
+    if backend is not None and backend not in ("auto", "xla", "pallas"):
+        raise ValueError(f"backend must be None, 'auto', 'xla' or 'pallas', got {backend!r}")
+    if backend != "xla":
+        from jaxrender import volume_pallas as VP
+
+        channels = 1 + (grid.channels if mode != "absorption" else 0)
+        D, H, W = grid.shape
+        reason = VP.unsupported_reason(mode=mode, dtype=grid.densities.dtype, channels=channels,
+                                       table_size=(D + 2) * (H + 2) * (W + 2) * channels,
+                                       return_weights=bool(return_weights))
+        if VP.resolve_backend(backend, reason, bool(interpret)) == "pallas":
+            opts = dict(VP.DEFAULT_OPTIONS)
+            unknown = set(pallas_options or {}) - set(opts)
+            if unknown:
+                raise ValueError(f"pallas_options: unknown keys {sorted(unknown)}; known: {sorted(opts)}")
+            opts.update(pallas_options or {})
+            block = int(opts["block_rays"])
+            if block < 1 or block & (block - 1):
+                raise ValueError(f"pallas_options['block_rays'] must be a power of two, got {block}")
+            return _render_pallas_jit(
+                grid, rays, near, far, key, background, n_samples=int(n_samples), mode=mode,
+                chunk_size=None if chunk_size is None else int(chunk_size), eps=float(eps), block_rays=block,
+                num_warps=int(opts["num_warps"]), merge_corners=bool(opts["merge_corners"]),
+                clip_to_box=bool(opts["clip_to_box"]), interpret=bool(interpret))
+
     return _render_jit(
         grid,
         rays,
@@ -715,22 +759,22 @@ def render_volume(
     )
 
 
-@functools.partial(
-    jax.jit, static_argnames=("n_samples", "mode", "chunk_size", "eps", "return_weights", "save_samples")
-)
-def _render_jit(grid, rays, near, far, key, background, *, n_samples, mode, chunk_size, eps, return_weights, save_samples):
+def _volume_table(grid, mode):
+    """The zero-padded ``(D+2, H+2, W+2, 1 + n_feat)`` table of density then features, and ``n_feat``."""
     dtype = grid.densities.dtype
     n_feat = grid.channels if mode != "absorption" else 0
     if n_feat:
         table = jnp.concatenate([grid.densities[..., None], grid.features.astype(dtype)], -1)
     else:
         table = grid.densities[..., None]
-    table = _pad_table(table)
+    return _pad_table(table), n_feat
 
-    batch = rays.shape
+
+def _voxel_rays(grid, rays):
+    """Flat rays in voxel coordinates: ``(o_vox (N, 3), d_vox (N, 3), d_norm (N,))``."""
+    dtype = grid.densities.dtype
     o = jnp.broadcast_to(rays.origins, rays.directions.shape).reshape(-1, 3).astype(dtype)
     d = rays.directions.reshape(-1, 3).astype(dtype)
-    N = d.shape[0]
     # Work in voxel coordinates: u = (p - center) / s + (size - 1) / 2 is affine in p,
     # so the ray in voxel space is u(t) = u_o + t * d / s. The depth strata are
     # converted to world lengths with the world direction norm (physical mode).
@@ -738,6 +782,18 @@ def _render_jit(grid, rays, near, far, key, background, *, n_samples, mode, chun
     o_vox = (o - grid.center) / grid.voxel_size + (size_xyz - 1) / 2
     d_vox = d / grid.voxel_size
     d_norm = jnp.linalg.norm(d, axis=-1)
+    return o_vox, d_vox, d_norm
+
+
+@functools.partial(
+    jax.jit, static_argnames=("n_samples", "mode", "chunk_size", "eps", "return_weights", "save_samples")
+)
+def _render_jit(grid, rays, near, far, key, background, *, n_samples, mode, chunk_size, eps, return_weights, save_samples):
+    dtype = grid.densities.dtype
+    table, n_feat = _volume_table(grid, mode)
+    batch = rays.shape
+    o_vox, d_vox, d_norm = _voxel_rays(grid, rays)
+    N = d_vox.shape[0]
 
     fn = jax.checkpoint(
         _march_chunk_world,
@@ -771,6 +827,57 @@ def _render_jit(grid, rays, near, far, key, background, *, n_samples, mode, chun
     out = {k_: v[:N].reshape(batch + v.shape[1:]) for k_, v in out.items()}
     if background is not None and "rgb" in out:
         out["rgb"] = out["rgb"] + (1 - out["opacity"])[..., None] * jnp.asarray(background, dtype)
+    return out
+
+
+@functools.partial(
+    jax.jit, static_argnames=("n_samples", "mode", "chunk_size", "eps", "block_rays", "num_warps", "merge_corners",
+                              "clip_to_box", "interpret")
+)
+def _render_pallas_jit(grid, rays, near, far, key, background, *, n_samples, mode, chunk_size, eps, block_rays,
+                       num_warps, merge_corners, clip_to_box, interpret):
+    """``_render_jit`` with the fused kernels (``jaxrender.volume_pallas``): same samples, same outputs."""
+    from jaxrender import volume_pallas as VP
+
+    dtype = grid.densities.dtype
+    table, n_feat = _volume_table(grid, mode)
+    batch = rays.shape
+    o_vox, d_vox, d_norm = _voxel_rays(grid, rays)
+    N = d_vox.shape[0]
+    near_a = jnp.asarray(near, dtype)
+    far_a = jnp.asarray(far, dtype)
+    t, deltas = ray_depths(n_samples, near_a, far_a, key=None, shape=(), dtype=dtype)
+    if key is not None:
+        # The depths the XLA path draws: one key for all rays, or one per chunk of chunk_size rays.
+        cs = N if chunk_size is None else min(int(chunk_size), N)
+        n_chunks = -(-N // cs)
+        if n_chunks == 1:
+            t = ray_depths(n_samples, near_a, far_a, key=key, shape=(cs,), dtype=dtype)[0]
+        else:
+            keys = jax.random.split(key, n_chunks)
+            t = jax.vmap(lambda k: ray_depths(n_samples, near_a, far_a, key=k, shape=(cs,), dtype=dtype)[0])(keys)
+            t = t.reshape(n_chunks * cs, n_samples)[:N]
+    n_pad = -(-N // block_rays) * block_rays
+    pad = n_pad - N
+    cols = [o_vox[:, 0], o_vox[:, 1], o_vox[:, 2], d_vox[:, 0], d_vox[:, 1], d_vox[:, 2], d_norm]
+    cols = tuple(jnp.concatenate([c, jnp.broadcast_to(c[:1], (pad,))]) if pad else c for c in cols)
+    if key is not None:
+        t = t.T
+        if pad:
+            t = jnp.concatenate([t, jnp.broadcast_to(t[:, :1], (n_samples, pad))], 1)
+    cfg = VP.MarchConfig(mode=mode, n_samples=int(n_samples), dims=tuple(table.shape[:3]), channels=table.shape[-1],
+                         eps=float(eps), jitter=key is not None, block_rays=int(block_rays),
+                         num_warps=int(num_warps), merge_corners=bool(merge_corners), clip_to_box=bool(clip_to_box),
+                         interpret=bool(interpret))
+    outs = VP.march(cfg, table.reshape(-1), cols, t, deltas, near_a, far_a)
+    outs = [o_[:N].reshape(batch) for o_ in outs]
+    if mode == "absorption":
+        return {"opacity": outs[0]}
+    out = {"opacity": outs[n_feat], "depth": outs[n_feat + 1]}
+    if n_feat:
+        out["rgb"] = jnp.stack(outs[:n_feat], -1)
+        if background is not None:
+            out["rgb"] = out["rgb"] + (1 - out["opacity"])[..., None] * jnp.asarray(background, dtype)
     return out
 
 
