@@ -690,7 +690,7 @@ def render_volume(
             tests). With ``backend=None`` / ``"auto"`` it selects them.
         pallas_options: kernel tuning, keys of
             ``volume_pallas.DEFAULT_OPTIONS`` (``block_rays``, ``num_warps``,
-            ``merge_corners``).
+            ``merge_corners``, ``clip_to_box``).
 
     Returns:
         dict with ``opacity`` ``(...)`` and, except in ``"absorption"`` mode,
