@@ -52,23 +52,14 @@ path, in Pallas' interpret mode on the CPU and compiled on a GPU.
 from __future__ import annotations
 
 import functools
-import logging
 from typing import NamedTuple, Optional, Tuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-log = logging.getLogger("jaxrender")
-
-try:  # Pallas' Triton backend is deprecated upstream; guard every import.
-    from jax.experimental import pallas as pl
-    from jax.experimental.pallas import triton as plgpu
-
-    _HAVE_PALLAS = True
-except Exception:  # noqa: BLE001
-    pl = plgpu = None
-    _HAVE_PALLAS = False
+# One guard of Pallas' Triton imports and one warn-once log for all the GPU kernels.
+from .raster.pallas_select import _HAVE_PALLAS, _once, _pow2, pallas_available, pl, plgpu  # noqa: F401
 
 __all__ = ["MarchConfig", "march", "march_xla", "resolve_backend", "unsupported_reason", "MAX_CHANNELS",
            "DEFAULT_OPTIONS"]
@@ -82,28 +73,6 @@ MAX_CHANNELS = 8
 #: share before adding them to memory, and whether a program marches only
 #: the samples of its rays that can fall inside the grid.
 DEFAULT_OPTIONS = {"block_rays": 128, "num_warps": 4, "merge_corners": True, "clip_to_box": True}
-
-_WARNED = set()
-
-
-def _once(msg):
-    if msg not in _WARNED:
-        _WARNED.add(msg)
-        log.warning(msg)
-
-
-def _pow2(n: int) -> int:
-    return 1 << max(0, int(n - 1).bit_length())
-
-
-def pallas_available() -> bool:
-    """True when the kernels can run compiled (a CUDA GPU and Pallas' Triton backend)."""
-    if not _HAVE_PALLAS:
-        return False
-    from jaxrender.raster.pallas_select import pallas_available as _available
-
-    return _available()
-
 
 def unsupported_reason(*, mode, dtype, channels, table_size, return_weights) -> Optional[str]:
     """Why the kernels cannot render these options, or ``None`` when they can."""
