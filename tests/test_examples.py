@@ -43,12 +43,22 @@ EXAMPLES = {
 TIMEOUT = float(os.environ.get("JAXRENDER_EXAMPLE_TIMEOUT", "600"))
 
 
+# The quick fits that CI runs; the others (30-100 s each on 2 cores) are marked ``slow`` and run with
+# ``pytest -m slow`` (README, "Tests").
+FAST = ("fit_silhouette", "fit_texture")
+
+
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
+def runs(request, tmp_path_factory):
     env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
     env.setdefault("JAX_PLATFORMS", "cpu")
+    # start only the examples whose tests were selected (-m / -k), all at once
+    selected = {item.callspec.params["name"] for item in request.session.items
+                if getattr(item, "originalname", None) == "test_example_quick" and hasattr(item, "callspec")}
     procs = {}
     for name, (extra, _, _) in EXAMPLES.items():
+        if name not in selected:
+            continue
         out = tmp_path_factory.mktemp(name)
         cmd = [sys.executable, os.path.join(ROOT, "examples", f"{name}.py"), "--quick", "--out", str(out), *extra]
         procs[name] = (subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
@@ -59,8 +69,7 @@ def runs(tmp_path_factory):
             p.kill()
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("name", list(EXAMPLES))
+@pytest.mark.parametrize("name", [n if n in FAST else pytest.param(n, marks=pytest.mark.slow) for n in EXAMPLES])
 def test_example_quick(runs, name):
     proc, out = runs[name]
     try:
@@ -101,7 +110,6 @@ def test_example_quick(runs, name):
         assert metrics["psnr_heldout"] > 25.0 and metrics["iou_heldout"] > 0.85, metrics
 
 
-@pytest.mark.slow
 def test_quickstart_main_demo(tmp_path):
     """The README's first command: render a teapot and a face and write the PNGs."""
     env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))

@@ -45,6 +45,7 @@ except Exception:  # noqa: BLE001
     pl = plgpu = None
 
 _EPS = 1e-10  # blend.py's (PyTorch3D's) blending epsilon
+_COLD = 1e-8  # relative softmax weight below which a fragment's blend cotangents are dropped (backward)
 SHADINGS = ("phong", "gouraud", "unlit")
 
 
@@ -320,8 +321,13 @@ def _blend_cotangents(cfg: Config, st, g, m, dist, depth, col, bp):
         z = _zinv(m, depth, bp)
         e = jnp.exp((z - zmax) / gamma)
         w = p * e
-        g_w = (g[0] * (col[0] - rgb[0]) + g[1] * (col[1] - rgb[1]) + g[2] * (col[2] - rgb[2])) / denom
-        g_col = tuple(w * g[c] / denom for c in range(3))
+        # A fragment whose softmax weight is below float32 resolution of the
+        # blend (w / denom < _COLD) moves the pixel by less than a rounding
+        # error: its softmax cotangents are dropped, so that slots hidden
+        # behind an opaque face carry exact zeros and skip the scatter.
+        g_w = jnp.where(w < _COLD * denom, 0.0,
+                        (g[0] * (col[0] - rgb[0]) + g[1] * (col[1] - rgb[1]) + g[2] * (col[2] - rgb[2])) / denom)
+        g_col = tuple(jnp.where(w < _COLD * denom, 0.0, w * g[c] / denom) for c in range(3))
         g_p = g_p + g_w * e
         # zmax moves every weight; with delta unclamped the moves cancel, else they leave this:
         g_rgb_bg = (g[0] * (rgb[0] - bp[4]) + g[1] * (rgb[1] - bp[5]) + g[2] * (rgb[2] - bp[6])) / denom
@@ -338,6 +344,13 @@ def _blend_cotangents(cfg: Config, st, g, m, dist, depth, col, bp):
     g_u = jnp.where(m, g_p * p * q, 0.0)  # cotangent of -dist / sigma
     g_bp[0] = g_u * dist / (sigma * sigma)
     return (-g_u / sigma, g_depth, g_col), g_bp
+
+
+def _any_nonzero(xs):
+    out = xs[0] != 0
+    for x in xs[1:]:
+        out = out | (x != 0)
+    return out
 
 
 def _pixel_blend_param_grads(cfg: Config, st, g, bp):
@@ -371,14 +384,24 @@ def _backward_kernel(lists_ref, ct_ref, tab_ref, prm_ref, gtab_in_ref, gtab_ref,
         m, base, corners = _slot(cfg, lists_ref, tab_ref, s)
         (dist, depth, col), frag_vjp = jax.vjp(lambda cs, sp_: fragment(cfg, cs, px, py, sp_, one), corners, sp)
         cts, g_bp_s = _blend_cotangents(cfg, st, g, m, dist, depth, col, bp)
-        g_cs, g_sp_s = frag_vjp(cts)
-        live = m & inside
-        for c in range(cfg.n_corner):
-            if cfg.interpret:  # interpret mode's atomics drop repeated indices: a scatter-add instead
-                gtab_ref[...] = gtab_ref[...].at[base + c].add(jnp.where(live, g_cs[c], 0.0))
-            else:
-                atomic_add_relaxed(gtab_ref, base + c, g_cs[c], mask=live)
-        g_sp = tuple(a + jnp.where(live, b, 0.0) for a, b in zip(g_sp, g_sp_s))
+        # The fragment's VJP is linear in its cotangents: a fragment whose
+        # cotangents are all zero (hidden behind an opaque face, outside the
+        # image, an empty slot) adds nothing, and a slot with no such pixel in
+        # the tile skips the VJP and the scatter altogether (a branch uniform
+        # over the program).
+        hot = m & inside & _any_nonzero((cts[0], cts[1]) + tuple(cts[2]))
+
+        def scatter():
+            g_cs, g_sp_s = frag_vjp(cts)
+            for c in range(cfg.n_corner):
+                if cfg.interpret:  # interpret mode's atomics drop repeated indices: a scatter-add instead
+                    gtab_ref[...] = gtab_ref[...].at[base + c].add(jnp.where(hot, g_cs[c], 0.0))
+                else:
+                    atomic_add_relaxed(gtab_ref, base + c, g_cs[c], mask=hot & (g_cs[c] != 0))
+            return tuple(jnp.where(hot, b, 0.0) for b in g_sp_s)
+
+        g_sp_s = jax.lax.cond(jnp.any(hot), scatter, lambda: tuple(zero for _ in g_sp))
+        g_sp = tuple(a + b for a, b in zip(g_sp, g_sp_s))
         g_bp = tuple(a + jnp.where(inside, b, 0.0) for a, b in zip(g_bp, g_bp_s))  # already 0 where empty
         return g_sp, g_bp
 

@@ -111,13 +111,20 @@ def _kernel(starts_ref, counts_ref, faces_ref, x0_ref, y0_ref, z0_ref, x1_ref, y
         n_reach = n_reach + reach.astype(jnp.int32)
         # Insert (key, f) into the ascending (depth, face) list: slot s takes
         # the slot above it if the candidate goes higher, the candidate if it
-        # lands at s, else keeps its entry. Every op is per pixel, so the K
-        # slots of a pixel stay in its thread's registers.
-        lt = [(key < keys[s]) | ((key == keys[s]) & (f < faces[s])) for s in range(k)]
-        new_k = [jnp.where(lt[0], key, keys[0])]
+        # lands at s, else keeps its entry; for the depths that is
+        # max(keys[s-1], min(key, keys[s])) (keys are never NaN: a NaN depth
+        # does not reach). Candidates in face order (no depth_exit) never tie
+        # with a lower face index already in the list, so a strict compare
+        # is the (depth, face) order. Every op is per pixel, so the K slots
+        # of a pixel stay in its thread's registers.
+        if depth_exit:
+            lt = [(key < keys[s]) | ((key == keys[s]) & (f < faces[s])) for s in range(k)]
+        else:
+            lt = [key < keys[s] for s in range(k)]
+        new_k = [jnp.minimum(key, keys[0])]
         new_f = [jnp.where(lt[0], f, faces[0])]
         for s in range(1, k):
-            new_k.append(jnp.where(lt[s - 1], keys[s - 1], jnp.where(lt[s], key, keys[s])))
+            new_k.append(jnp.maximum(keys[s - 1], jnp.minimum(key, keys[s])))
             new_f.append(jnp.where(lt[s - 1], faces[s - 1], jnp.where(lt[s], f, faces[s])))
         return tuple(new_k), tuple(new_f), n_reach
 
