@@ -13,13 +13,18 @@ its thread's registers:
   the selection), interpolate the attributes, shade, then blend the ``K``
   fragments (PyTorch3D's softmax blend, the hard blend, or the sigmoid
   silhouette). Only the ``(H, W, C)`` image reaches memory.
-* **backward**: the same recomputation, the blend's cotangents per fragment
-  (``jax.vjp`` of the blend, traced inside the kernel), then per fragment
-  the cotangent of its face's packed corner data (``jax.vjp`` of the
-  fragment function), added atomically into an ``(F, 3 * (3 + C))`` table
-  that XLA carries back to the vertices. Gradients w.r.t. the shading and
-  blending parameters (lights, material, eye, sigma, gamma, background,
-  znear / zfar) are summed per tile.
+* **backward**: the blend's per-pixel statistics saved by the forward (9
+  floats per pixel: transmittance, softmax sums, depth maximum), then per
+  fragment the recomputed fragment, the blend's analytic cotangents and the
+  cotangent of its face's packed corner data (``jax.vjp`` of the fragment
+  function, traced inside the kernel), added atomically into an
+  ``(F, 3 * (3 + C))`` table that XLA carries back to the vertices.
+  Fragments whose cotangents are all zero — hidden behind an opaque face,
+  or (soft blend) with a softmax weight below ``1e-8`` of the pixel's — add
+  nothing, and a slot with no live fragment in the tile skips the VJP and
+  the scatter. Gradients w.r.t. the shading and blending parameters
+  (lights, material, eye, sigma, gamma, background, znear / zfar) are
+  summed per tile.
 
 The arithmetic is the XLA path's, written on tuples of per-pixel vectors
 (Triton blocks have power-of-two shapes, so there are no ``(..., 3)``
@@ -264,7 +269,39 @@ def _blend_stats(cfg: Config, lists_ref, tab_ref, px, py, sp, bp, one):
                     zraw=jnp.where(above, z, st["zraw"]),
                     n_eq=jnp.where(above, 1.0, jnp.where(tie, st["n_eq"] + 1.0, st["n_eq"])))
 
-    st = jax.lax.fori_loop(0, cfg.used_slots, body, init)
+    return _finish_stats(cfg, jax.lax.fori_loop(0, cfg.used_slots, body, init), bp)
+
+
+def _stat_names(cfg: Config):
+    """The per-pixel statistics the forward kernel saves for the backward (``_blend_stats``'s loop values)."""
+    if cfg.mode == "hard":
+        return ()
+    if cfg.mode == "silhouette":
+        return ("t_nz", "n_zero")
+    return ("t_nz", "n_zero", "zmax", "sw", "swc", "swc", "swc", "zraw", "n_eq")
+
+
+def _flat_stats(cfg: Config, st):
+    out, seen = [], set()
+    for name in _stat_names(cfg):
+        if name not in seen:
+            seen.add(name)
+            out += list(st[name]) if isinstance(st[name], tuple) else [st[name]]
+    return out
+
+
+def _unflat_stats(cfg: Config, flat):
+    st, i = {}, 0
+    for name in dict.fromkeys(_stat_names(cfg)):
+        n = _stat_names(cfg).count(name)
+        st[name] = tuple(flat[i:i + n]) if n > 1 else flat[i]
+        i += n
+    return st
+
+
+def _finish_stats(cfg: Config, st, bp):
+    """The blend's per-pixel values derived from the loop statistics."""
+    st = dict(st)
     st["alpha"] = jnp.where(st["n_zero"] > 0, 1.0, 1.0 - st["t_nz"])
     if cfg.mode == "soft":
         st["delta_raw"] = jnp.exp((_EPS - st["zmax"]) / bp[1])
@@ -282,7 +319,7 @@ def _zinv(m, depth, bp):  # bp = sigma, gamma, znear, zfar, ...
     return jnp.where(m, (bp[3] - depth) / (bp[3] - bp[2]), 0.0)
 
 
-def _forward_kernel(lists_ref, tab_ref, prm_ref, out_ref, *, cfg: Config):
+def _forward_kernel(lists_ref, tab_ref, prm_ref, out_ref, stats_ref, *, cfg: Config):
     px, py, _ = _pixels(cfg)
     one = jnp.ones_like(px)
     prm = [prm_ref[i] for i in range(cfg.n_shade + cfg.n_blend)]
@@ -294,6 +331,9 @@ def _forward_kernel(lists_ref, tab_ref, prm_ref, out_ref, *, cfg: Config):
     else:
         st = _blend_stats(cfg, lists_ref, tab_ref, px, py, sp, bp, one)
         outs = (st["alpha"],) if cfg.mode == "silhouette" else st["rgb"] + (st["alpha"],)
+        # what the backward needs, so that it does not walk the fragments twice
+        for c, o in enumerate(_flat_stats(cfg, st)):
+            stats_ref[0, c, :] = o
     for c, o in enumerate(outs):
         out_ref[0, c, :] = o
 
@@ -366,7 +406,8 @@ def _pixel_blend_param_grads(cfg: Config, st, g, bp):
     return [zero, g_gamma, zero, zero] + [st["delta"] * g[c] / st["denom"] for c in range(3)]
 
 
-def _backward_kernel(lists_ref, ct_ref, tab_ref, prm_ref, gtab_in_ref, gtab_ref, gprm_ref, *, cfg: Config):
+def _backward_kernel(lists_ref, ct_ref, stats_ref, tab_ref, prm_ref, gtab_in_ref, gtab_ref, gprm_ref, *,
+                     cfg: Config):
     del gtab_in_ref  # aliased with gtab_ref: the zeros the atomics add into
     px, py, inside = _pixels(cfg)
     one = jnp.ones_like(px)
@@ -376,7 +417,9 @@ def _backward_kernel(lists_ref, ct_ref, tab_ref, prm_ref, gtab_in_ref, gtab_ref,
     prm = [prm_ref[i] + zero for i in range(cfg.n_shade + cfg.n_blend)]
     sp, bp = prm[:cfg.n_shade], prm[cfg.n_shade:]
     g = tuple(jnp.where(inside, ct_ref[0, c, :], 0.0) for c in range(cfg.n_out))
-    st = None if cfg.mode == "hard" else _blend_stats(cfg, lists_ref, tab_ref, px, py, sp, bp, one)
+    st = None
+    if cfg.mode != "hard":  # the forward's statistics (empty pixels outside the image: t_nz = 1, ...)
+        st = _finish_stats(cfg, _unflat_stats(cfg, [stats_ref[0, c, :] for c in range(len(_stat_names(cfg)))]), bp)
     g_bp0 = _pixel_blend_param_grads(cfg, st, g, bp) if cfg.mode != "hard" else [zero] * cfg.n_blend
 
     def body(s, acc):
@@ -419,22 +462,25 @@ def _compiler_params(cfg):
 
 
 def _forward_call(table, prm, lists, cfg: Config):
+    """``(image tiles (T, n_out_p, P), statistics tiles (T, n_stats_p, P))``."""
     num_tiles, npix = lists.shape[0], cfg.bin_size ** 2
-    n_out_p = _pow2(cfg.n_out)
+    n_out_p, n_st_p = _pow2(cfg.n_out), _pow2(max(len(_stat_names(cfg)), 1))
     kernel = functools.partial(_forward_kernel, cfg=cfg)
     return pl.pallas_call(
         kernel,
         grid=(num_tiles,),
         in_specs=[pl.BlockSpec((1, cfg.slots, npix), lambda t: (t, 0, 0)), pl.no_block_spec, pl.no_block_spec],
-        out_specs=pl.BlockSpec((1, n_out_p, npix), lambda t: (t, 0, 0)),
-        out_shape=jax.ShapeDtypeStruct((num_tiles, n_out_p, npix), jnp.float32),
+        out_specs=(pl.BlockSpec((1, n_out_p, npix), lambda t: (t, 0, 0)),
+                   pl.BlockSpec((1, n_st_p, npix), lambda t: (t, 0, 0))),
+        out_shape=(jax.ShapeDtypeStruct((num_tiles, n_out_p, npix), jnp.float32),
+                   jax.ShapeDtypeStruct((num_tiles, n_st_p, npix), jnp.float32)),
         compiler_params=_compiler_params(cfg),
         interpret=cfg.interpret,
         name="jaxrender_fused_forward",
     )(lists, _pad_to(table.reshape(-1), _pow2(table.size)), _pad_to(prm, _pow2(prm.shape[0] + 1)))
 
 
-def _backward_call(table, prm, lists, ct, cfg: Config):
+def _backward_call(table, prm, lists, stats, ct, cfg: Config):
     num_tiles, npix = lists.shape[0], cfg.bin_size ** 2
     n_prm = prm.shape[0]
     n_tab = _pow2(table.size)
@@ -444,30 +490,33 @@ def _backward_call(table, prm, lists, ct, cfg: Config):
         kernel,
         grid=(num_tiles,),
         in_specs=[pl.BlockSpec((1, cfg.slots, npix), lambda t: (t, 0, 0)),
-                  pl.BlockSpec((1, ct.shape[1], npix), lambda t: (t, 0, 0)), pl.no_block_spec, pl.no_block_spec, pl.no_block_spec],
+                  pl.BlockSpec((1, ct.shape[1], npix), lambda t: (t, 0, 0)),
+                  pl.BlockSpec((1, stats.shape[1], npix), lambda t: (t, 0, 0)),
+                  pl.no_block_spec, pl.no_block_spec, pl.no_block_spec],
         out_specs=(pl.no_block_spec, pl.BlockSpec((1, n_prm_p), lambda t: (t, 0))),
         out_shape=(jax.ShapeDtypeStruct((n_tab,), jnp.float32),
                    jax.ShapeDtypeStruct((num_tiles, n_prm_p), jnp.float32)),
-        input_output_aliases={4: 0},
+        input_output_aliases={5: 0},
         compiler_params=_compiler_params(cfg),
         interpret=cfg.interpret,
         name="jaxrender_fused_backward",
-    )(lists, ct, _pad_to(table.reshape(-1), n_tab), _pad_to(prm, n_prm_p), jnp.zeros((n_tab,), jnp.float32))
+    )(lists, ct, stats, _pad_to(table.reshape(-1), n_tab), _pad_to(prm, n_prm_p), jnp.zeros((n_tab,), jnp.float32))
     return gtab[:table.size].reshape(table.shape), jnp.sum(gprm[:, :n_prm], axis=0)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
 def _fused_tiles(table, prm, lists, cfg: Config):
-    return _forward_call(table, prm, lists, cfg)
+    return _forward_call(table, prm, lists, cfg)[0]
 
 
 def _fused_tiles_fwd(table, prm, lists, cfg):
-    return _forward_call(table, prm, lists, cfg), (table, prm, lists)
+    out, stats = _forward_call(table, prm, lists, cfg)
+    return out, (table, prm, lists, stats)
 
 
 def _fused_tiles_bwd(cfg, res, ct):
-    table, prm, lists = res
-    gtab, gprm = _backward_call(table, prm, lists, ct, cfg)
+    table, prm, lists, stats = res
+    gtab, gprm = _backward_call(table, prm, lists, stats, ct, cfg)
     return gtab, gprm, None
 
 
