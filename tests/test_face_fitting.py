@@ -94,11 +94,12 @@ def test_photometric_stage_lowers_loss(model, camera):
     assert r.image.shape == (SIZE, SIZE, 5)
 
 
-def test_batched_equals_per_image(model, camera):
+@pytest.mark.parametrize("steps", [(20, 0), pytest.param((20, 5), marks=pytest.mark.slow)])  # slow: ~70 s on 2 cores
+def test_batched_equals_per_image(model, camera, steps):
     targets = [_target(model, camera, s) for s in (2, 3)]
     images = np.stack([t[1] for t in targets])
     lms = np.stack([t[2] for t in targets])
-    kw = dict(camera=camera, steps=(20, 5), steps_per_call=20)
+    kw = dict(camera=camera, steps=steps, steps_per_call=20)
     rb = F.fit_faces_batched(model, images, lms, **kw)
     for i in range(1):  # the second image is fitted alongside; one per-image fit is enough to compare
         ri = F.fit_face(model, images[i], lms[i], **kw)

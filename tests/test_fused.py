@@ -77,6 +77,7 @@ def _compare(fast, mode, shading="phong", K=4, blur=2e-3, seed=0, degenerate=Fal
     return a
 
 
+@pytest.mark.slow  # ~140 s on 2 CPU cores; the silhouette/hard case below runs the same backward kernel by default
 def test_fused_interpret_soft_phong_matches_xla():
     img = _compare("interpret", "soft", "phong")
     assert float(img[..., 3].max()) > 0.9  # the sphere is in view

@@ -431,7 +431,7 @@ def _backward_kernel(lists_ref, ct_ref, stats_ref, tab_ref, prm_ref, gtab_in_ref
         # cotangents are all zero (hidden behind an opaque face, outside the
         # image, an empty slot) adds nothing, and a slot with no such pixel in
         # the tile skips the VJP and the scatter altogether (a branch uniform
-        # over the program).
+        # over the program; a max, since Triton lowers no reduce_or).
         hot = m & inside & _any_nonzero((cts[0], cts[1]) + tuple(cts[2]))
 
         def scatter():
@@ -443,7 +443,7 @@ def _backward_kernel(lists_ref, ct_ref, stats_ref, tab_ref, prm_ref, gtab_in_ref
                     atomic_add_relaxed(gtab_ref, base + c, g_cs[c], mask=hot & (g_cs[c] != 0))
             return tuple(jnp.where(hot, b, 0.0) for b in g_sp_s)
 
-        g_sp_s = jax.lax.cond(jnp.any(hot), scatter, lambda: tuple(zero for _ in g_sp))
+        g_sp_s = jax.lax.cond(jnp.max(hot.astype(jnp.int32)) > 0, scatter, lambda: tuple(zero for _ in g_sp))
         g_sp = tuple(a + b for a, b in zip(g_sp, g_sp_s))
         g_bp = tuple(a + jnp.where(inside, b, 0.0) for a, b in zip(g_bp, g_bp_s))  # already 0 where empty
         return g_sp, g_bp
