@@ -101,3 +101,22 @@ def test_auto_backend_picks_pallas_on_gpu():
     assert resolve_backend(None, 50) == "pallas"
     assert resolve_backend(None, 65) == "xla"  # beyond MAX_PALLAS_K the lists would spill registers
     assert resolve_backend("pallas", 100) == "pallas"
+
+
+def _compare_skipping(monkeypatch, case, **backend_kw):
+    """The kernel with the tile-uniform insertion skip on at every K (it is on from ``SKIP_MIN_K``)."""
+    from jaxrender.raster import pallas_select
+
+    monkeypatch.setattr(pallas_select, "SKIP_MIN_K", 1)
+    _compare(case, **backend_kw)
+
+
+@pytest.mark.parametrize("case", [CASES[5], CASES[7], CASES[8]])
+def test_pallas_interpret_skip_matches_xla(monkeypatch, case):
+    _compare_skipping(monkeypatch, case, pallas_interpret=True, pallas_block=8)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", CASES)
+def test_pallas_skip_matches_xla(monkeypatch, case):
+    _compare_skipping(monkeypatch, case, backend="pallas")

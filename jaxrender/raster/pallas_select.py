@@ -57,6 +57,10 @@ def pallas_available() -> bool:
         return False
 
 
+# From this K on, a candidate that enters no list of the tile skips its
+# insertion (tile-uniform branch); below it the branch costs more than it saves.
+SKIP_MIN_K = 16
+
 # The kernel keeps each pixel's K-list in registers (2K values per pixel);
 # beyond this the registers spill and XLA's batched top_k is the safer choice.
 MAX_PALLAS_K = 64
@@ -90,7 +94,7 @@ def _pow2(n: int) -> int:
 
 def _kernel(starts_ref, counts_ref, faces_ref, x0_ref, y0_ref, z0_ref, x1_ref, y1_ref, z1_ref, x2_ref, y2_ref,
             z2_ref, znear_ref, out_face_ref, out_reach_ref, *, bs, nbx, k, kp, block, capacity, blur,
-            geo, depth_exit):
+            geo, depth_exit, skip_min_k):
     t = pl.program_id(0)
     start = starts_ref[t]
     count = jnp.minimum(counts_ref[t], capacity)
@@ -117,16 +121,28 @@ def _kernel(starts_ref, counts_ref, faces_ref, x0_ref, y0_ref, z0_ref, x1_ref, y
         # with a lower face index already in the list, so a strict compare
         # is the (depth, face) order. Every op is per pixel, so the K slots
         # of a pixel stay in its thread's registers.
-        if depth_exit:
-            lt = [(key < keys[s]) | ((key == keys[s]) & (f < faces[s])) for s in range(k)]
+        def less(s):
+            if depth_exit:
+                return (key < keys[s]) | ((key == keys[s]) & (f < faces[s]))
+            return key < keys[s]
+
+        def insert():
+            lt = [less(s) for s in range(k)]
+            new_k = [jnp.minimum(key, keys[0])]
+            new_f = [jnp.where(lt[0], f, faces[0])]
+            for s in range(1, k):
+                new_k.append(jnp.maximum(keys[s - 1], jnp.minimum(key, keys[s])))
+                new_f.append(jnp.where(lt[s - 1], faces[s - 1], jnp.where(lt[s], f, faces[s])))
+            return tuple(new_k), tuple(new_f)
+
+        if k < skip_min_k:
+            keys, faces = insert()
         else:
-            lt = [key < keys[s] for s in range(k)]
-        new_k = [jnp.minimum(key, keys[0])]
-        new_f = [jnp.where(lt[0], f, faces[0])]
-        for s in range(1, k):
-            new_k.append(jnp.maximum(keys[s - 1], jnp.minimum(key, keys[s])))
-            new_f.append(jnp.where(lt[s - 1], faces[s - 1], jnp.where(lt[s], f, faces[s])))
-        return tuple(new_k), tuple(new_f), n_reach
+            # A candidate that enters no pixel's list of the tile (beyond every
+            # worst entry, or out of reach) skips the K-step insertion: a
+            # branch uniform over the program (a max: Triton has no reduce_or).
+            keys, faces = jax.lax.cond(jnp.max(less(k - 1).astype(jnp.int32)) > 0, insert, lambda: (keys, faces))
+        return keys, faces, n_reach
 
     def run_block(j, carry):
         lo = j * block
@@ -160,7 +176,8 @@ def _kernel(starts_ref, counts_ref, faces_ref, x0_ref, y0_ref, z0_ref, x1_ref, y
     out_reach_ref[0, :] = n_reach
 
 
-def select_pallas(tri, face_s, starts, counts, znear, *, settings, nby, nbx, depth_exit=False, interpret=False):
+def select_pallas(tri, face_s, starts, counts, znear, *, settings, nby, nbx, depth_exit=False, interpret=False,
+                  skip_min_k=None):
     """Run the selection kernel.
 
     ``depth_exit``: the candidates of each tile are sorted by their nearest
@@ -194,7 +211,8 @@ def select_pallas(tri, face_s, starts, counts, znear, *, settings, nby, nbx, dep
                ndc_per_pixel=settings.ndc_per_pixel)
     kernel = functools.partial(
         _kernel, bs=bs, nbx=nbx, k=k, kp=kp, block=block,
-        capacity=settings.resolved_max_faces_per_bin(f), blur=settings.blur_radius, geo=geo, depth_exit=depth_exit)
+        capacity=settings.resolved_max_faces_per_bin(f), blur=settings.blur_radius, geo=geo, depth_exit=depth_exit,
+        skip_min_k=SKIP_MIN_K if skip_min_k is None else skip_min_k)
     out_face, out_reach = pl.pallas_call(
         kernel,
         grid=(num_tiles,),
@@ -202,7 +220,7 @@ def select_pallas(tri, face_s, starts, counts, znear, *, settings, nby, nbx, dep
                    jax.ShapeDtypeStruct((num_tiles, npix), jnp.int32)),
         out_specs=(pl.BlockSpec((1, kp, npix), lambda t: (t, 0, 0)),
                    pl.BlockSpec((1, npix), lambda t: (t, 0))),
-        compiler_params=None if interpret else plgpu.CompilerParams(num_warps=settings.pallas_num_warps),
+        compiler_params=None if interpret else plgpu.CompilerParams(num_warps=settings.resolved_pallas_num_warps),
         interpret=interpret,
         name="jaxrender_select",
     )(starts_p, counts_p, faces_p, *cols, jnp.reshape(znear, (1,)).astype(jnp.float32))

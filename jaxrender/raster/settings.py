@@ -34,7 +34,10 @@ class RasterSettings(eqx.Module):
         is inside it or its squared distance is below ``blur_radius``. For
         SoftRas-style rendering use ``ln(1/eps - 1) * sigma`` (eps = 1e-4).
       bin_size: side of the square screen tiles in pixels used for binning.
-        ``None`` picks 8 for images up to 64 px and 16 above.
+        ``None`` picks 8 on the Pallas GPU path (a smaller tile means fewer
+        candidates per pixel: on an H200 the selection kernel runs about 2x
+        faster at 8 than at 16, benchmarks/RESULTS.md) and, on the XLA path,
+        8 for images up to 64 px and 16 above.
       max_faces_per_bin: most candidates a tile may hold. Faces beyond it
         are dropped and counted in ``Fragments.num_overflow``; raise it until
         that count is zero (``Fragments.max_bin_count`` is the capacity that
@@ -46,7 +49,9 @@ class RasterSettings(eqx.Module):
         ``"pallas"``. Both select the same faces; the differentiable part is
         XLA in both.
       pallas_block, pallas_num_warps: the GPU kernel's candidates between
-        two checks of its early exit, and Triton warps per program.
+        two checks of its early exit, and Triton warps per program
+        (``None``: one thread per pixel of a tile, two for ``K = 1``, at
+        most 4 warps).
       max_fragments_per_band: the ``render_*`` functions shade and blend
         the image in bands of rows holding at most this many fragments
         (``rows * W * K``), each rematerialized in the backward pass, so the
@@ -96,7 +101,7 @@ class RasterSettings(eqx.Module):
     max_tile_pairs: Union[int, None] = eqx.field(static=True, default=None)
     backend: Union[str, None] = eqx.field(static=True, default=None)
     pallas_block: int = eqx.field(static=True, default=32)
-    pallas_num_warps: int = eqx.field(static=True, default=4)
+    pallas_num_warps: Union[int, None] = eqx.field(static=True, default=None)
     pallas_interpret: bool = eqx.field(static=True, default=False)
     max_fragments_per_band: Union[int, None] = eqx.field(static=True, default=None)
     fused: bool = eqx.field(static=True, default=True)
@@ -117,7 +122,7 @@ class RasterSettings(eqx.Module):
             raise ValueError(f"near_rule must be one of {NEAR_RULES}, got {self.near_rule!r}")
         if self.backend not in (None, "auto", "xla", "pallas"):
             raise ValueError(f"backend must be None, 'auto', 'xla' or 'pallas', got {self.backend!r}")
-        for name in ("bin_chunk", "candidate_block", "max_tile_pairs"):
+        for name in ("bin_chunk", "candidate_block", "max_tile_pairs", "pallas_num_warps"):
             v = getattr(self, name)
             if v is not None and int(v) < 1:
                 raise ValueError(f"{name} must be >= 1 or None, got {v}")
@@ -135,7 +140,20 @@ class RasterSettings(eqx.Module):
     def resolved_bin_size(self) -> int:
         if self.bin_size is not None:
             return int(self.bin_size)
-        return 8 if max(self.image_size) <= 64 else 16
+        if max(self.image_size) <= 64:
+            return 8
+        from .pallas_select import resolve_backend  # the GPU kernel's choice, made once per trace
+
+        return 8 if resolve_backend(self.backend, self.faces_per_pixel) == "pallas" else 16
+
+    @property
+    def resolved_pallas_num_warps(self) -> int:
+        if self.pallas_num_warps is not None:
+            return int(self.pallas_num_warps)
+        # One thread per pixel (two for K = 1, whose lists are one register
+        # pair): the fastest on an H200 at 8-px tiles (benchmarks/RESULTS.md).
+        per_thread = 2 if self.faces_per_pixel == 1 else 1
+        return max(1, min(4, self.resolved_bin_size ** 2 // (32 * per_thread)))
 
     def resolved_max_faces_per_bin(self, num_faces: int) -> int:
         m = self.max_faces_per_bin if self.max_faces_per_bin is not None else num_faces
