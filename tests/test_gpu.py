@@ -111,7 +111,8 @@ def _compare_skipping(monkeypatch, case, **backend_kw):
     _compare(case, **backend_kw)
 
 
-@pytest.mark.parametrize("case", [CASES[5], CASES[7], CASES[8]])
+@pytest.mark.parametrize("case", [pytest.param(CASES[5], marks=pytest.mark.slow),
+                                  pytest.param(CASES[7], marks=pytest.mark.slow), CASES[8]])
 def test_pallas_interpret_skip_matches_xla(monkeypatch, case):
     _compare_skipping(monkeypatch, case, pallas_interpret=True, pallas_block=8)
 
@@ -120,3 +121,58 @@ def test_pallas_interpret_skip_matches_xla(monkeypatch, case):
 @pytest.mark.parametrize("case", CASES)
 def test_pallas_skip_matches_xla(monkeypatch, case):
     _compare_skipping(monkeypatch, case, backend="pallas")
+
+
+@pytest.mark.parametrize("k,g", [(50, 8), (10, 4), (4, 4), (16, 16), (7, 2)])
+def test_merge_group_keeps_the_k_first(k, g):
+    """The sorting-network merge against a sort of list + group by (depth, face), with ties and empty slots."""
+    from jaxrender.raster.pallas_select import merge_group
+
+    rng = np.random.default_rng(k * 100 + g)
+    n = 300  # independent trials, one per lane
+    depth = rng.integers(0, 12, (n, k + g)).astype(np.float32)  # few distinct values: many ties
+    depth[rng.random((n, k + g)) < 0.15] = np.inf  # out of reach
+    face = rng.permutation(np.arange(n * (k + g))).reshape(n, k + g) % 40
+    lk, lf = depth[:, :k], face[:, :k]
+    order = np.lexsort((lf, lk), axis=-1)
+    lk, lf = np.take_along_axis(lk, order, -1), np.take_along_axis(lf, order, -1)
+    empty = rng.random(n) < 0.3  # some lists not yet full: (inf, -1) tails
+    lk[empty, k // 2:], lf[empty, k // 2:] = np.inf, -1
+    gk, gf = depth[:, k:], face[:, k:]
+    col = lambda a: [jnp.asarray(a[:, i]) for i in range(a.shape[1])]
+    nk, nf = merge_group(col(lk), col(lf), col(gk), col(gf))
+    got_k, got_f = np.stack(nk, -1), np.stack(nf, -1)
+    allk, allf = np.concatenate([lk, gk], -1), np.concatenate([lf, gf], -1)
+    order = np.lexsort((allf, allk), axis=-1)[:, :k]
+    want_k, want_f = np.take_along_axis(allk, order, -1), np.take_along_axis(allf, order, -1)
+    np.testing.assert_array_equal(got_k, want_k)
+    np.testing.assert_array_equal(got_f[np.isfinite(want_k)], want_f[np.isfinite(want_k)])
+
+
+@pytest.mark.parametrize("case,unroll,merge,skip", [pytest.param(CASES[5], 8, True, False, marks=pytest.mark.slow),
+                                                     (CASES[7], 2, True, True), (CASES[8], 4, False, True)])
+def test_pallas_interpret_unroll_merge_matches_xla(monkeypatch, case, unroll, merge, skip):
+    """The kernel taking candidates ``unroll`` at a time, inserted one by one or merged by a sorting network."""
+    from jaxrender.raster import pallas_select
+
+    if skip:
+        monkeypatch.setattr(pallas_select, "SKIP_MIN_K", 1)
+    _compare(case, pallas_interpret=True, pallas_block=8, pallas_unroll=unroll, pallas_merge=merge)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", [c for c in CASES if c[1] >= 2])
+@pytest.mark.parametrize("unroll,merge", [(2, True), (8, False)])
+def test_pallas_unroll_merge_matches_xla(monkeypatch, case, unroll, merge):
+    from jaxrender.raster import pallas_select
+
+    monkeypatch.setattr(pallas_select, "SKIP_MIN_K", 1)  # the skips too
+    _compare(case, backend="pallas", pallas_unroll=unroll, pallas_merge=merge)
+
+
+def test_unroll_merge_settings_are_checked():
+    for bad in (3, 0, 128):
+        with pytest.raises(ValueError, match="pallas_unroll"):
+            RasterSettings(image_size=8, faces_per_pixel=4, pallas_unroll=bad)
+    with pytest.raises(ValueError, match="pallas_merge"):
+        RasterSettings(image_size=8, faces_per_pixel=4, pallas_unroll=8, pallas_merge=True)

@@ -1,9 +1,10 @@
 """GPU kernel for the selection pass (Pallas, Triton backend).
 
 One program per screen tile, its pixels spread over the program's threads
-(two per thread at the default 4 warps and 16-px tiles). It walks the tile's
-candidate faces (a contiguous run of the sorted (tile, face) pairs) one at a
-time: the face's nine vertex coordinates are scalars shared by the tile,
+(one per thread at the default 8-px tiles). It walks the tile's candidate
+faces (a contiguous run of the sorted (tile, face) pairs) one at a time, or
+``pallas_unroll`` at a time, optionally merged into the lists by a sorting
+network (``pallas_merge``): the face's nine vertex coordinates are scalars shared by the tile,
 the geometry (the same ``geometry_core`` as the XLA path) is computed for
 every pixel, and the face is inserted into each pixel's ascending list of
 the ``K`` nearest (depth, face) pairs within reach, held as ``K`` per-pixel
@@ -92,9 +93,81 @@ def _pow2(n: int) -> int:
     return 1 << max(0, int(n - 1).bit_length())
 
 
+def merge_network(a, b):
+    """Batcher's odd-even merge of two sorted lists of wires ``a`` and ``b`` (any lengths).
+
+    Returns ``(comparators, order)``: compare-exchanges ``(lo, hi)`` (the
+    smaller value goes to wire ``lo``) applied in sequence leave the merged
+    list in the wires ``order``, smallest first.
+    """
+    if not a or not b:
+        return [], list(a) + list(b)
+    if len(a) == 1 and len(b) == 1:
+        return [(a[0], b[0])], [a[0], b[0]]
+    c_odd, v = merge_network(a[0::2], b[0::2])
+    c_even, w = merge_network(a[1::2], b[1::2])
+    seq = [x for pair in zip(v, w) for x in pair] + v[len(w):]  # v1 w1 v2 w2 ... (len(v) >= len(w))
+    return c_odd + c_even + [(seq[i], seq[i + 1]) for i in range(1, len(seq) - 1, 2)], seq
+
+
+def sort_network(wires):
+    """Batcher's odd-even merge sort of ``wires``: ``(comparators, order)`` as in :func:`merge_network`."""
+    if len(wires) <= 1:
+        return [], list(wires)
+    h = len(wires) // 2
+    c_lo, lo = sort_network(wires[:h])
+    c_hi, hi = sort_network(wires[h:])
+    c, order = merge_network(lo, hi)
+    return c_lo + c_hi + c, order
+
+
+def _less(ka, fa, kb, fb):
+    """(depth, face) order: ``a`` before ``b``."""
+    return (ka < kb) | ((ka == kb) & (fa < fb))
+
+
+def _run_network(keys, faces, comparators, order):
+    keys, faces = list(keys), list(faces)
+    for lo, hi in comparators:
+        swap = _less(keys[hi], faces[hi], keys[lo], faces[lo])
+        keys[lo], keys[hi] = jnp.minimum(keys[lo], keys[hi]), jnp.maximum(keys[lo], keys[hi])
+        faces[lo], faces[hi] = jnp.where(swap, faces[hi], faces[lo]), jnp.where(swap, faces[lo], faces[hi])
+    return [keys[w] for w in order], [faces[w] for w in order]
+
+
+def merge_group(keys, faces, gkeys, gfaces):
+    """The ``K`` first (depth, face) pairs of a sorted ``K``-list and a group of ``G <= K`` candidates.
+
+    Only the list's last ``G`` entries can leave it: the group is sorted,
+    reversed against that tail and the smaller of each pair kept (the ``G``
+    first of tail and group, a bitonic sequence), which a bitonic merge
+    sorts and an odd-even merge merges with the list's ``K - G`` first. At
+    ``K = 50``, ``G = 8`` that is ~150 compare-exchanges per group against
+    ``8 * 50`` insertion steps.
+    """
+    k, g = len(keys), len(gkeys)
+    if g & (g - 1) or g > k:
+        raise ValueError(f"merge_group needs a power-of-two group of at most K, got G={g}, K={k}")
+    gk, gf = _run_network(gkeys, gfaces, *sort_network(list(range(g))))
+    mk, mf = [], []
+    for i in range(g):
+        a, b = k - g + i, g - 1 - i
+        take = _less(gk[b], gf[b], keys[a], faces[a])
+        mk.append(jnp.minimum(keys[a], gk[b]))
+        mf.append(jnp.where(take, gf[b], faces[a]))
+    stride, bitonic = g // 2, []
+    while stride:
+        bitonic += [(i, i + stride) for i in range(g) if not i & stride]
+        stride //= 2
+    mk, mf = _run_network(mk, mf, bitonic, list(range(g)))
+    head = list(range(k - g))
+    comparators, order = merge_network(head, list(range(k - g, k)))
+    return _run_network(list(keys[:k - g]) + mk, list(faces[:k - g]) + mf, comparators, order)
+
+
 def _kernel(starts_ref, counts_ref, faces_ref, x0_ref, y0_ref, z0_ref, x1_ref, y1_ref, z1_ref, x2_ref, y2_ref,
             z2_ref, znear_ref, out_face_ref, out_reach_ref, *, bs, nbx, k, kp, block, capacity, blur,
-            geo, depth_exit, skip_min_k):
+            geo, depth_exit, skip_min_k, unroll, merge):
     t = pl.program_id(0)
     start = starts_ref[t]
     count = jnp.minimum(counts_ref[t], capacity)
@@ -105,14 +178,15 @@ def _kernel(starts_ref, counts_ref, faces_ref, x0_ref, y0_ref, z0_ref, x1_ref, y
     py = ((t // nbx) * bs + pix // bs).astype(jnp.float32) + 0.5
     refs = (x0_ref, y0_ref, z0_ref, x1_ref, y1_ref, z1_ref, x2_ref, y2_ref, z2_ref)
 
-    def candidate(i, carry):
-        keys, faces, n_reach = carry
-        f = faces_ref[start + i]
-        c = [r[f] for r in refs]  # one face: nine scalars shared by the tile's pixels
-        _, _, _, depth, dist, inside = geometry_core(*c, px, py, **geo)
-        reach = (inside | (dist < blur)) & (depth >= znear)
-        key = jnp.where(reach, depth, jnp.inf)
-        n_reach = n_reach + reach.astype(jnp.int32)
+    def load_faces(i0):
+        return tuple(faces_ref[start + i0 + u] for u in range(unroll))
+
+    def candidate_key(i, c):
+        _, _, _, depth, dist, inside = geometry_core(*c, px, py, need_dist=blur > 0, **geo)
+        reach = (inside if dist is None else inside | (dist < blur)) & (depth >= znear) & (i < count)
+        return jnp.where(reach, depth, jnp.inf), reach
+
+    def insert_one(key, f, keys, faces):
         # Insert (key, f) into the ascending (depth, face) list: slot s takes
         # the slot above it if the candidate goes higher, the candidate if it
         # lands at s, else keeps its entry; for the depths that is
@@ -136,17 +210,57 @@ def _kernel(starts_ref, counts_ref, faces_ref, x0_ref, y0_ref, z0_ref, x1_ref, y
             return tuple(new_k), tuple(new_f)
 
         if k < skip_min_k:
-            keys, faces = insert()
-        else:
-            # A candidate that enters no pixel's list of the tile (beyond every
-            # worst entry, or out of reach) skips the K-step insertion: a
-            # branch uniform over the program (a max: Triton has no reduce_or).
-            keys, faces = jax.lax.cond(jnp.max(less(k - 1).astype(jnp.int32)) > 0, insert, lambda: (keys, faces))
-        return keys, faces, n_reach
+            return insert()
+        # A candidate that enters no pixel's list of the tile (beyond every
+        # worst entry, or out of reach) skips the K-step insertion: a branch
+        # uniform over the program (a max: Triton has no reduce_or).
+        return jax.lax.cond(jnp.max(less(k - 1).astype(jnp.int32)) > 0, insert, lambda: (keys, faces))
+
+    def candidate(i, carry):
+        keys, faces, n_reach = carry
+        f = faces_ref[start + i]
+        key, reach = candidate_key(i, [r[f] for r in refs])
+        return insert_one(key, f, keys, faces) + (n_reach + reach.astype(jnp.int32),)
+
+    def candidate_group(j, carry):
+        # ``unroll`` candidates per step: their loads are issued together
+        # (and the next step's face indices fetched ahead) so that memory
+        # latency overlaps instead of stalling every candidate. The last
+        # group of a tile is padded with out-of-reach candidates.
+        keys, faces, n_reach, fs = carry
+        i0 = j * unroll
+        cs = [[r[f] for r in refs] for f in fs]  # a face: nine scalars shared by the tile's pixels
+        nxt = load_faces(i0 + unroll)
+        gk = []
+        for u in range(unroll):
+            key, reach = candidate_key(i0 + u, cs[u])
+            gk.append(key)
+            n_reach = n_reach + reach.astype(jnp.int32)
+        if not merge:
+            for u in range(unroll):
+                keys, faces = insert_one(gk[u], fs[u], keys, faces)
+            return keys, faces, n_reach, nxt
+
+        def merge_all():
+            return tuple(map(tuple, merge_group(keys, faces, gk, list(fs))))
+
+        if k < skip_min_k:
+            return merge_all() + (n_reach, nxt)
+        # Skip the merge when no candidate of the group can enter a list of
+        # the tile (conservative on ties: an equal depth merges).
+        low = functools.reduce(jnp.minimum, gk)
+        enters = (low <= keys[k - 1]) & (low < jnp.inf)
+        keys, faces = jax.lax.cond(jnp.max(enters.astype(jnp.int32)) > 0, merge_all, lambda: (keys, faces))
+        return keys, faces, n_reach, nxt
 
     def run_block(j, carry):
         lo = j * block
-        return jax.lax.fori_loop(lo, jnp.minimum(lo + block, count), candidate, carry)
+        hi = jnp.minimum(lo + block, count)
+        if unroll == 1 and not merge:
+            return jax.lax.fori_loop(lo, hi, candidate, carry)
+        out = jax.lax.fori_loop(lo // unroll, (hi + unroll - 1) // unroll, candidate_group,
+                                carry + (load_faces(lo),))
+        return out[:3]
 
     n_blocks = (count + block - 1) // block
     init = (tuple(jnp.full((npix,), jnp.inf, jnp.float32) for _ in range(k)),
@@ -202,17 +316,21 @@ def select_pallas(tri, face_s, starts, counts, znear, *, settings, nby, nbx, dep
     f = tri.shape[0]
     cols = [tri[:, i, j].astype(jnp.float32) for i in range(3) for j in range(3)]
     cols = [jnp.pad(c, (0, _pow2(f) - f)) for c in cols]
-    faces_p = jnp.pad(face_s, (0, _pow2(face_s.shape[0] + block) - face_s.shape[0]))
+    # Padding: a tile's last group and the indices fetched ahead for the next one read past its run.
+    faces_p = jnp.pad(face_s, (0, _pow2(face_s.shape[0] + 2 * block) - face_s.shape[0]))
     tp = _pow2(num_tiles)
     starts_p = jnp.pad(starts, (0, tp - num_tiles))
     counts_p = jnp.pad(counts, (0, tp - num_tiles))
     geo = dict(perspective_correct=settings.perspective_correct,
                clip_barycentrics=settings.resolved_clip_barycentrics,
                ndc_per_pixel=settings.ndc_per_pixel)
+    unroll, merge = settings.resolved_pallas_unroll, settings.resolved_pallas_merge
+    unroll = min(unroll, block)  # a group never straddles two checks of the early exit
     kernel = functools.partial(
         _kernel, bs=bs, nbx=nbx, k=k, kp=kp, block=block,
         capacity=settings.resolved_max_faces_per_bin(f), blur=settings.blur_radius, geo=geo, depth_exit=depth_exit,
-        skip_min_k=SKIP_MIN_K if skip_min_k is None else skip_min_k)
+        skip_min_k=SKIP_MIN_K if skip_min_k is None else skip_min_k, unroll=unroll,
+        merge=merge and unroll > 1)
     out_face, out_reach = pl.pallas_call(
         kernel,
         grid=(num_tiles,),

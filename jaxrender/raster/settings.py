@@ -11,6 +11,11 @@ Array = jax.Array
 
 NEAR_RULES = ("cull",)
 
+# The GPU selection kernel's defaults for ``pallas_unroll`` / ``pallas_merge``
+# (benchmarks/RESULTS.md has the sweeps behind them).
+PALLAS_UNROLL = 1
+PALLAS_MERGE = False
+
 
 def _image_size(size) -> Tuple[int, int]:
     if isinstance(size, int):
@@ -52,6 +57,14 @@ class RasterSettings(eqx.Module):
         two checks of its early exit, and Triton warps per program
         (``None``: one thread per pixel of a tile, two for ``K = 1``, at
         most 4 warps).
+      pallas_unroll: candidates the GPU kernel loads and tests per step
+        (a power of two, at most ``pallas_block``): their memory loads
+        overlap instead of stalling each candidate. ``None``: 1 (on an
+        H200, 4 and 8 were no faster: the kernel is not load-latency bound).
+      pallas_merge: merge each step's ``pallas_unroll`` candidates into the
+        per-pixel lists with a sorting network instead of one insertion
+        each (needs ``pallas_unroll <= K``; fewer compare-selects at large
+        ``K``, but a longer compile). ``None``: off.
       max_fragments_per_band: the ``render_*`` functions shade and blend
         the image in bands of rows holding at most this many fragments
         (``rows * W * K``), each rematerialized in the backward pass, so the
@@ -102,6 +115,8 @@ class RasterSettings(eqx.Module):
     backend: Union[str, None] = eqx.field(static=True, default=None)
     pallas_block: int = eqx.field(static=True, default=32)
     pallas_num_warps: Union[int, None] = eqx.field(static=True, default=None)
+    pallas_unroll: Union[int, None] = eqx.field(static=True, default=None)
+    pallas_merge: Union[bool, None] = eqx.field(static=True, default=None)
     pallas_interpret: bool = eqx.field(static=True, default=False)
     max_fragments_per_band: Union[int, None] = eqx.field(static=True, default=None)
     fused: bool = eqx.field(static=True, default=True)
@@ -126,6 +141,12 @@ class RasterSettings(eqx.Module):
             v = getattr(self, name)
             if v is not None and int(v) < 1:
                 raise ValueError(f"{name} must be >= 1 or None, got {v}")
+        u = self.pallas_unroll
+        if u is not None and (int(u) < 1 or int(u) & (int(u) - 1) or int(u) > 64):
+            raise ValueError(f"pallas_unroll must be a power of two in [1, 64] or None, got {u}")
+        if self.pallas_merge and self.resolved_pallas_unroll > int(self.faces_per_pixel):
+            raise ValueError(f"pallas_merge needs pallas_unroll <= faces_per_pixel, got pallas_unroll="
+                             f"{self.resolved_pallas_unroll} and faces_per_pixel={self.faces_per_pixel}")
 
     # Resolved values -------------------------------------------------------
     @property
@@ -154,6 +175,14 @@ class RasterSettings(eqx.Module):
         # pair): the fastest on an H200 at 8-px tiles (benchmarks/RESULTS.md).
         per_thread = 2 if self.faces_per_pixel == 1 else 1
         return max(1, min(4, self.resolved_bin_size ** 2 // (32 * per_thread)))
+
+    @property
+    def resolved_pallas_unroll(self) -> int:
+        return int(self.pallas_unroll) if self.pallas_unroll is not None else PALLAS_UNROLL
+
+    @property
+    def resolved_pallas_merge(self) -> bool:
+        return bool(self.pallas_merge) if self.pallas_merge is not None else PALLAS_MERGE
 
     def resolved_max_faces_per_bin(self, num_faces: int) -> int:
         m = self.max_faces_per_bin if self.max_faces_per_bin is not None else num_faces
