@@ -386,6 +386,22 @@ def _blend_cotangents(cfg: Config, st, g, m, dist, depth, col, bp):
     return (-g_u / sigma, g_depth, g_col), g_bp
 
 
+def _fragment_used(cfg: Config, corners, px, py, sp, one):
+    """:func:`fragment` with the outputs its blend has no cotangent for replaced by constants.
+
+    The silhouette depends on the distance only and the hard blend on the
+    colour only; the others' backward would multiply a zero cotangent
+    through the barycentric (or distance) chain, which the compiler cannot
+    drop (``0 * x`` is not ``0`` for every float). Constants have no VJP.
+    """
+    dist, depth, col = fragment(cfg, corners, px, py, sp, one)
+    if cfg.mode == "silhouette":
+        return dist, jnp.zeros_like(px), col
+    if cfg.mode == "hard":
+        return jnp.zeros_like(px), jnp.zeros_like(px), col
+    return dist, depth, col
+
+
 def _any_nonzero(xs):
     out = xs[0] != 0
     for x in xs[1:]:
@@ -425,7 +441,8 @@ def _backward_kernel(lists_ref, ct_ref, stats_ref, tab_ref, prm_ref, gtab_in_ref
     def body(s, acc):
         g_sp, g_bp = acc
         m, base, corners = _slot(cfg, lists_ref, tab_ref, s)
-        (dist, depth, col), frag_vjp = jax.vjp(lambda cs, sp_: fragment(cfg, cs, px, py, sp_, one), corners, sp)
+        (dist, depth, col), frag_vjp = jax.vjp(lambda cs, sp_: _fragment_used(cfg, cs, px, py, sp_, one),
+                                               corners, sp)
         cts, g_bp_s = _blend_cotangents(cfg, st, g, m, dist, depth, col, bp)
         # The fragment's VJP is linear in its cotangents: a fragment whose
         # cotangents are all zero (hidden behind an opaque face, outside the
