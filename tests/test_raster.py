@@ -171,6 +171,59 @@ def test_overflow_reported_and_fixed_by_capacity(x64):
     assert float(jnp.abs(a1 - a2).max()) > 1e-3  # the image changes
 
 
+def _reference_bins(tri, valid, bs, nby, nbx, r, order):
+    """Per tile, the faces (in ``order``) whose bounding box grown by ``r`` px touches a pixel centre of it,
+    and the pairs in generation order (face by face, row-major tiles) for the pair budget."""
+    bins = [[] for _ in range(nby * nbx)]
+    pairs = []
+    for f in order:
+        if not valid[f]:
+            continue
+        x0, x1 = tri[f, :, 0].min() - r, tri[f, :, 0].max() + r
+        y0, y1 = tri[f, :, 1].min() - r, tri[f, :, 1].max() + r
+        for ty in range(nby):
+            for tx in range(nbx):
+                cx0, cx1 = tx * bs + 0.5, tx * bs + bs - 0.5
+                cy0, cy1 = ty * bs + 0.5, ty * bs + bs - 0.5
+                if x1 >= cx0 and x0 <= cx1 and y1 >= cy0 and y0 <= cy1:
+                    pairs.append((ty * nbx + tx, f))
+    return pairs
+
+
+@pytest.mark.parametrize("budget,depth_order,capacity", [(None, False, None), (None, True, None), (40, False, None),
+                                                         (40, True, None), (None, True, 3)])
+def test_binning_matches_brute_force(budget, depth_order, capacity):
+    """Each tile's candidate run against a per-face, per-tile bounding-box test, with the pair budget truncating."""
+    from jaxrender.raster.rasterize import _bin_faces
+
+    rng = np.random.default_rng(3)
+    F, H, W, bs = 25, 20, 28, 8
+    tri = np.concatenate([rng.uniform(-6, W + 6, (F, 3, 2)), rng.uniform(1, 4, (F, 3, 1))], -1).astype(np.float32)
+    tri[:4, :, :2] = rng.uniform(2, 6, (4, 1, 2)) + rng.uniform(0, 1, (4, 3, 2))  # small faces inside one tile
+    valid = rng.random(F) > 0.2
+    s = RasterSettings(image_size=(H, W), faces_per_pixel=2, blur_radius=1e-2, bin_size=bs, max_tile_pairs=budget,
+                       max_faces_per_bin=capacity)
+    nby, nbx = -(-H // bs), -(-W // bs)
+    face_s, starts, counts, overflow = (np.asarray(a) for a in _bin_faces(
+        jnp.asarray(tri), jnp.asarray(valid), s, nby, nbx, depth_order=depth_order))
+    r = s.blur_radius_pixels + 1e-3
+    zmin = tri[..., 2].min(1)
+    gen = np.argsort(zmin, kind="stable") if depth_order and capacity is None else np.arange(F)
+    pairs = _reference_bins(tri, valid, bs, nby, nbx, r, gen)
+    kept = pairs if budget is None else pairs[:budget]
+    assert int(overflow) == len(pairs) - len(kept)
+    if budget is not None:
+        assert int(overflow) > 0  # the budget really truncates
+    for t in range(nby * nbx):
+        want = [f for tt, f in kept if tt == t]
+        if depth_order and capacity is not None:  # the first `capacity` in face order, each part by depth
+            key = lambda f: (want.index(f) >= capacity, zmin[f], f)
+            want = sorted(want, key=key)
+        got = face_s[starts[t]:starts[t] + counts[t]].tolist()
+        assert got == want, t
+    assert counts.sum() == len(kept)
+
+
 def test_empty_and_offscreen():
     s = RasterSettings(image_size=(8, 8), faces_per_pixel=2)
     sv = jnp.array([[100.0, 100, 2], [110, 100, 2], [100, 110, 2]])
