@@ -165,8 +165,8 @@ def merge_group(keys, faces, gkeys, gfaces):
     return _run_network(list(keys[:k - g]) + mk, list(faces[:k - g]) + mf, comparators, order)
 
 
-def _kernel(starts_ref, counts_ref, faces_ref, x0_ref, y0_ref, z0_ref, x1_ref, y1_ref, z1_ref, x2_ref, y2_ref,
-            z2_ref, znear_ref, out_face_ref, out_reach_ref, *, bs, nbx, k, kp, block, capacity, blur,
+def _kernel(starts_ref, counts_ref, faces_ref, tri_ref, znear_ref, out_face_ref, out_reach_ref, *, bs, nbx, k, kp,
+            block, capacity, blur,
             geo, depth_exit, skip_min_k, unroll, merge):
     t = pl.program_id(0)
     start = starts_ref[t]
@@ -176,7 +176,9 @@ def _kernel(starts_ref, counts_ref, faces_ref, x0_ref, y0_ref, z0_ref, x1_ref, y
     pix = jnp.arange(npix, dtype=jnp.int32)
     px = ((t % nbx) * bs + pix % bs).astype(jnp.float32) + 0.5
     py = ((t // nbx) * bs + pix // bs).astype(jnp.float32) + 0.5
-    refs = (x0_ref, y0_ref, z0_ref, x1_ref, y1_ref, z1_ref, x2_ref, y2_ref, z2_ref)
+
+    def corners(f):  # a face: nine scalars (x, y, depth per vertex) shared by the tile's pixels, one cache line
+        return [tri_ref[f * 9 + c] for c in range(9)]
 
     def load_faces(i0):
         return tuple(faces_ref[start + i0 + u] for u in range(unroll))
@@ -219,7 +221,7 @@ def _kernel(starts_ref, counts_ref, faces_ref, x0_ref, y0_ref, z0_ref, x1_ref, y
     def candidate(i, carry):
         keys, faces, n_reach = carry
         f = faces_ref[start + i]
-        key, reach = candidate_key(i, [r[f] for r in refs])
+        key, reach = candidate_key(i, corners(f))
         return insert_one(key, f, keys, faces) + (n_reach + reach.astype(jnp.int32),)
 
     def candidate_group(j, carry):
@@ -230,7 +232,7 @@ def _kernel(starts_ref, counts_ref, faces_ref, x0_ref, y0_ref, z0_ref, x1_ref, y
         # with out-of-reach candidates.
         keys, faces, n_reach, fs = carry
         i0 = j * unroll
-        cs = [[r[f] for r in refs] for f in fs]  # a face: nine scalars shared by the tile's pixels
+        cs = [corners(f) for f in fs]
         nxt = load_faces(i0 + unroll)
         gk = []
         for u in range(unroll):
@@ -275,7 +277,7 @@ def _kernel(starts_ref, counts_ref, faces_ref, x0_ref, y0_ref, z0_ref, x1_ref, y
         # truncation count is exact), no later candidate can change anything.
         def settled(j, carry):
             f = faces_ref[start + jnp.clip(j * block, 0, jnp.maximum(count - 1, 0))]
-            zn = jnp.minimum(jnp.minimum(z0_ref[f], z1_ref[f]), z2_ref[f])
+            zn = jnp.minimum(jnp.minimum(tri_ref[f * 9 + 2], tri_ref[f * 9 + 5]), tri_ref[f * 9 + 8])
             worst = carry[0][k - 1]
             return (jnp.max(worst) < zn - 1e-6 * jnp.abs(zn)) & (jnp.min(carry[2]) > k)
 
@@ -315,8 +317,8 @@ def select_pallas(tri, face_s, starts, counts, znear, *, settings, nby, nbx, dep
     if npix != _pow2(npix):
         raise ValueError(f"the Pallas kernel needs a power-of-two bin_size, got {bs}")
     f = tri.shape[0]
-    cols = [tri[:, i, j].astype(jnp.float32) for i in range(3) for j in range(3)]
-    cols = [jnp.pad(c, (0, _pow2(f) - f)) for c in cols]
+    table = tri.astype(jnp.float32).reshape(-1)  # (F * 9,): a face's nine coordinates side by side
+    table = jnp.pad(table, (0, _pow2(table.shape[0]) - table.shape[0]))
     # Padding: a tile's last group and the indices fetched ahead for the next one read past its run.
     faces_p = jnp.pad(face_s, (0, _pow2(face_s.shape[0] + 2 * block) - face_s.shape[0]))
     tp = _pow2(num_tiles)
@@ -342,5 +344,5 @@ def select_pallas(tri, face_s, starts, counts, znear, *, settings, nby, nbx, dep
         compiler_params=None if interpret else plgpu.CompilerParams(num_warps=settings.resolved_pallas_num_warps),
         interpret=interpret,
         name="jaxrender_select",
-    )(starts_p, counts_p, faces_p, *cols, jnp.reshape(znear, (1,)).astype(jnp.float32))
+    )(starts_p, counts_p, faces_p, table, jnp.reshape(znear, (1,)).astype(jnp.float32))
     return out_face, out_reach
