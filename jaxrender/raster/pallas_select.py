@@ -198,9 +198,7 @@ def _kernel(starts_ref, counts_ref, faces_ref, tri_ref, znear_ref, out_face_ref,
         # is the (depth, face) order. Every op is per pixel, so the K slots
         # of a pixel stay in its thread's registers.
         def less(s):
-            if depth_exit:
-                return (key < keys[s]) | ((key == keys[s]) & (f < faces[s]))
-            return key < keys[s]
+            return _less(key, f, keys[s], faces[s]) if depth_exit else key < keys[s]
 
         def insert():
             lt = [less(s) for s in range(k)]

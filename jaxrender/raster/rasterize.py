@@ -105,7 +105,8 @@ def geometry_core(x0, y0, z0, x1, y1, z1, x2, y2, z2, px, py, *, perspective_cor
     return b0, b1, b2, depth, dist, inside
 
 
-def fragment_geometry(tri, px, py, *, perspective_correct: bool, clip_barycentrics: bool, ndc_per_pixel: float):
+def fragment_geometry(tri, px, py, *, perspective_correct: bool, clip_barycentrics: bool, ndc_per_pixel: float,
+                      need_dist: bool = True):
     """Barycentrics, depth and signed squared distance of pixels w.r.t. triangles.
 
     Broadcasts over leading axes: ``tri`` is ``(..., 3, 3)`` with rows
@@ -116,12 +117,12 @@ def fragment_geometry(tri, px, py, *, perspective_correct: bool, clip_barycentri
       ``(bary (..., 3), depth (...), dist (...), inside (...))`` where ``bary``
       is perspective-corrected and clipped as asked, ``depth`` is interpolated
       with ``bary``, and ``dist`` is the squared distance to the triangle's
-      boundary in NDC units, negative inside.
+      boundary in NDC units, negative inside (``None`` with ``need_dist=False``).
     """
     comps = [tri[..., i, j] for i in range(3) for j in range(3)]
     b0, b1, b2, depth, dist, inside = geometry_core(
         *comps, px, py, perspective_correct=perspective_correct,
-        clip_barycentrics=clip_barycentrics, ndc_per_pixel=ndc_per_pixel)
+        clip_barycentrics=clip_barycentrics, ndc_per_pixel=ndc_per_pixel, need_dist=need_dist)
     return jnp.stack([b0, b1, b2], axis=-1), depth, dist, inside
 
 
@@ -326,8 +327,8 @@ def _select_faces(tri, valid, settings: RasterSettings, znear, tiles=False):
             has = pos < ccount  # (C, B)
             cand = jnp.where(has, face_s[jnp.minimum(cstart + pos, budget - 1)], 0)
             ctri = tri[cand]  # (C, B, 3, 3)
-            comps = [ctri[:, None, :, i, j] for i in range(3) for j in range(3)]
-            *_, depth, dist, inside = geometry_core(*comps, cpx[:, :, None], cpy[:, :, None], need_dist=blur > 0, **geo)
+            _, depth, dist, inside = fragment_geometry(ctri[:, None], cpx[:, :, None], cpy[:, :, None],
+                                                       need_dist=blur > 0, **geo)
             reach = has[:, None, :] & (inside if dist is None else inside | (dist < blur)) & (depth >= znear)
             key = jnp.where(reach, depth, jnp.inf)  # (C, P, B)
             face = jnp.broadcast_to(cand[:, None, :], key.shape)

@@ -58,9 +58,9 @@ class RasterSettings(eqx.Module):
         (``None``: one thread per pixel of a tile, two for ``K = 1``, at
         most 4 warps).
       pallas_unroll: candidates the GPU kernel loads and tests per step
-        (a power of two, at most ``pallas_block``): their memory loads
-        overlap instead of stalling each candidate. ``None``: 1 (on an
-        H200, 4 and 8 were no faster: the kernel is not load-latency bound).
+        (a power of two, at most ``pallas_block``), their loads issued
+        together. ``None``: 1 (on an H200, 4 and 8 were no faster: the
+        kernel is not load-latency bound).
       pallas_merge: merge each step's ``pallas_unroll`` candidates into the
         per-pixel lists with a sorting network instead of one insertion
         each (needs ``pallas_unroll <= K``; fewer compare-selects at large
