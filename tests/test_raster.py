@@ -70,10 +70,10 @@ def reference_rasterize(sv, faces, H, W, K, blur, znear=1e-3, zfar=np.inf, persp
                 d2 = min(_seg_dist2(p, A[:2], B[:2]), _seg_dist2(p, B[:2], C[:2]), _seg_dist2(p, C[:2], A[:2])) * ndc**2
                 sd = -d2 if inside else d2
                 if (inside or sd < blur) and zz >= znear:
-                    cands.append((zz, f, bb, sd))
-            cands.sort(key=lambda x: (x[0], x[1]))
+                    cands.append((zz, z.min(), f, bb, sd))
+            cands.sort(key=lambda x: x[:3])  # depth; ties: nearest vertex depth, then face index
             truncated += len(cands) > K
-            for k, (zz, f, bb, sd) in enumerate(cands[:K]):
+            for k, (zz, _, f, bb, sd) in enumerate(cands[:K]):
                 face_idx[i, j, k] = f
                 bary[i, j, k] = bb
                 depth[i, j, k] = zz
@@ -222,6 +222,24 @@ def test_binning_matches_brute_force(budget, depth_order, capacity):
         got = face_s[starts[t]:starts[t] + counts[t]].tolist()
         assert got == want, t
     assert counts.sum() == len(kept)
+
+
+@pytest.mark.parametrize("swap", [False, True])
+@pytest.mark.parametrize("interpret", [False, True])
+def test_equal_depth_ties_go_to_the_nearer_nearest_vertex(swap, interpret):
+    """A pixel off a shared vertex clips to it on both faces: equal depths, the face reaching nearer wins."""
+    v = [10.0, 10.0, 2.0]
+    far = [[10.0, 10.0, 2.0], [20.0, 10.0, 5.0], [10.0, 20.0, 5.0]]  # nearest vertex depth 2
+    near = [[10.0, 10.0, 2.0], [20.0, 12.0, 1.5], [12.0, 20.0, 1.5]]  # nearest vertex depth 1.5
+    sv = np.array(near + far if swap else far + near, np.float32)
+    assert sv[0].tolist() == v and sv[3].tolist() == v
+    faces = jnp.arange(6, dtype=jnp.int32).reshape(2, 3)
+    s = RasterSettings(image_size=(24, 24), faces_per_pixel=2, blur_radius=0.05, bin_size=8,
+                       clip_barycentrics=True, pallas_interpret=interpret, pallas_block=8)
+    fr = rasterize(jnp.asarray(sv), faces, s)
+    near_idx = 0 if swap else 1
+    assert float(fr.depth[8, 8, 0]) == float(fr.depth[8, 8, 1]) == 2.0  # clipped to the shared vertex exactly
+    assert fr.face_idx[8, 8].tolist() == [near_idx, 1 - near_idx]
 
 
 def test_empty_and_offscreen():

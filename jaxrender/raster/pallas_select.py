@@ -8,11 +8,13 @@ network (``pallas_merge``): the face's nine vertex coordinates are scalars share
 the geometry (the same ``geometry_core`` as the XLA path) is computed for
 every pixel, and the face is inserted into each pixel's ascending list of
 the ``K`` nearest (depth, face) pairs within reach, held as ``K`` per-pixel
-registers (ties keep the lower face index, exactly as the XLA path does).
-Nothing per (pixel, candidate) ever reaches memory and no step needs
-communication between threads. With ``depth_exit`` the candidates are
-sorted by nearest vertex depth and a tile stops as soon as no remaining
-candidate can enter a list.
+registers. The candidates come in the binning's order (nearest vertex
+depth, then face index), and a face ties with an equal depth already in a
+list only after it, so a strict depth comparison keeps ties in that order,
+exactly as the XLA path does. Nothing per (pixel, candidate) ever reaches
+memory and no step needs communication between threads. With
+``depth_exit`` a tile stops as soon as no remaining candidate can enter a
+list.
 
 The kernel only decides *which* faces are kept (no gradient); the
 differentiable recomputation stays in XLA. The XLA path in
@@ -122,7 +124,7 @@ def sort_network(wires):
 
 
 def _less(ka, fa, kb, fb):
-    """(depth, face) order: ``a`` before ``b``."""
+    """(depth, tie-break) order: ``a`` before ``b`` (the kernel's tie-break is the candidate's position)."""
     return (ka < kb) | ((ka == kb) & (fa < fb))
 
 
@@ -136,7 +138,7 @@ def _run_network(keys, faces, comparators, order):
 
 
 def merge_group(keys, faces, gkeys, gfaces):
-    """The ``K`` first (depth, face) pairs of a sorted ``K``-list and a group of ``G <= K`` candidates.
+    """The ``K`` first (depth, tie-break) pairs of a sorted ``K``-list and a group of ``G <= K`` candidates.
 
     Only the list's last ``G`` entries can leave it: the group is sorted,
     reversed against that tail and the smaller of each pair kept (the ``G``
@@ -189,16 +191,16 @@ def _kernel(starts_ref, counts_ref, faces_ref, tri_ref, znear_ref, out_face_ref,
         return jnp.where(reach, depth, jnp.inf), reach
 
     def insert_one(key, f, keys, faces):
-        # Insert (key, f) into the ascending (depth, face) list: slot s takes
-        # the slot above it if the candidate goes higher, the candidate if it
-        # lands at s, else keeps its entry; for the depths that is
+        # Insert (key, f) into the ascending list: slot s takes the slot
+        # above it if the candidate goes higher, the candidate if it lands
+        # at s, else keeps its entry; for the depths that is
         # max(keys[s-1], min(key, keys[s])) (keys are never NaN: a NaN depth
-        # does not reach). Candidates in face order (no depth_exit) never tie
-        # with a lower face index already in the list, so a strict compare
-        # is the (depth, face) order. Every op is per pixel, so the K slots
-        # of a pixel stay in its thread's registers.
+        # does not reach). Every entry came earlier in the tile's order, so
+        # on a tie the candidate goes after it: a strict compare (one op
+        # instead of a four-op (depth, face) compare per slot). Every op is
+        # per pixel, so the K slots of a pixel stay in its thread's registers.
         def less(s):
-            return _less(key, f, keys[s], faces[s]) if depth_exit else key < keys[s]
+            return key < keys[s]
 
         def insert():
             lt = [less(s) for s in range(k)]
@@ -243,7 +245,11 @@ def _kernel(starts_ref, counts_ref, faces_ref, tri_ref, znear_ref, out_face_ref,
             return keys, faces, n_reach, nxt
 
         def merge_all():
-            return tuple(map(tuple, merge_group(keys, faces, gk, list(fs))))
+            # Merged lists hold candidate positions, not faces: a sorting
+            # network does not keep ties in arrival order, so they are broken
+            # by position explicitly (faces are looked up at the end).
+            pos = [i0 + u for u in range(unroll)]
+            return tuple(map(tuple, merge_group(keys, faces, gk, pos)))
 
         if k < skip_min_k:
             return merge_all() + (n_reach, nxt)
@@ -286,6 +292,8 @@ def _kernel(starts_ref, counts_ref, faces_ref, tri_ref, znear_ref, out_face_ref,
         keys, faces, n_reach = jax.lax.fori_loop(0, n_blocks, run_block, init)
     # A slot holds a face only once a candidate within reach (finite key)
     # entered it, so empty slots are still -1.
+    if merge:  # positions in the tile's run to faces
+        faces = tuple(jnp.where(p >= 0, faces_ref[start + jnp.maximum(p, 0)], -1) for p in faces)
     for s in range(kp):
         out_face_ref[0, s, :] = faces[s] if s < k else jnp.full((npix,), -1, jnp.int32)
     out_reach_ref[0, :] = n_reach

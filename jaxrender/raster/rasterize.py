@@ -91,7 +91,8 @@ def geometry_core(x0, y0, z0, x1, y1, z1, x2, y2, z2, px, py, *, perspective_cor
         norm = den
     # Divisions, not a reciprocal: a pixel clipped to one vertex gets
     # exactly (1, 0, 0) (x / x == 1), so faces sharing that vertex tie
-    # exactly in depth and the tie goes to the lower face index, stably.
+    # exactly in depth and the tie rule (nearest vertex depth, then face
+    # index) decides, the same on every backend.
     b0, b1, b2 = (w0, w1, w2) if norm is None else (w0 / norm, w1 / norm, w2 / norm)
     depth = b0 * z0 + b1 * z1 + b2 * z2
     if not need_dist:
@@ -280,7 +281,9 @@ def _select_faces(tri, valid, settings: RasterSettings, znear, tiles=False):
     # A face's depth at a pixel it reaches is a convex combination of its
     # vertex depths unless unclipped barycentrics extrapolate it (blur > 0).
     depth_exit = use_pallas and (settings.blur_radius == 0.0 or settings.resolved_clip_barycentrics)
-    face_s, starts, counts, pair_overflow = _bin_faces(tri, valid, settings, nby, nbx, depth_order=depth_exit)
+    # Both backends walk each tile's candidates in depth order and keep the
+    # earlier candidate on an equal depth: that order is the tie rule.
+    face_s, starts, counts, pair_overflow = _bin_faces(tri, valid, settings, nby, nbx, depth_order=True)
     budget = face_s.shape[0]
     capacity = settings.resolved_max_faces_per_bin(tri.shape[0])
     npix = bs * bs
@@ -290,7 +293,7 @@ def _select_faces(tri, valid, settings: RasterSettings, znear, tiles=False):
         from .pallas_select import select_pallas
         lists, n_reach = select_pallas(tri, face_s, starts, counts, znear, settings=settings, nby=nby, nbx=nbx,
                                        depth_exit=depth_exit, interpret=settings.pallas_interpret)
-        sel = jnp.swapaxes(lists, 1, 2)[..., :k]  # lists are sorted by (depth, face), empty slots last
+        sel = jnp.swapaxes(lists, 1, 2)[..., :k]  # lists are sorted by depth (ties: see above), empty slots last
         out = _finish_selection(sel, n_reach, counts, capacity, pair_overflow, settings, nby, nbx)
         return (lists,) + out if tiles else out
     if tiles:
@@ -333,7 +336,7 @@ def _select_faces(tri, valid, settings: RasterSettings, znear, tiles=False):
             key = jnp.where(reach, depth, jnp.inf)  # (C, P, B)
             face = jnp.broadcast_to(cand[:, None, :], key.shape)
             # Running results first: on equal depth top_k keeps the lower
-            # position, i.e. the lower face index (candidates are in face order).
+            # position, i.e. the earlier candidate in the tile's order.
             all_key = jnp.concatenate([best_key, key], axis=-1)
             all_face = jnp.concatenate([best_face, face], axis=-1)
             neg, idx = jax.lax.top_k(-all_key, kk)

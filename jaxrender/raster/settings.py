@@ -233,7 +233,9 @@ class Fragments(eqx.Module):
 
     Attributes:
       face_idx: ``(H, W, K)`` int32 face indices sorted by depth (nearest
-        first), ``-1`` where fewer than ``K`` faces reach the pixel.
+        first; on an equal depth the face with the nearer nearest vertex,
+        then the lower index, first), ``-1`` where fewer than ``K`` faces
+        reach the pixel.
       bary: ``(H, W, K, 3)`` barycentric coordinates of the pixel centre with
         respect to each face (perspective-correct when the settings say so,
         clipped to the triangle when ``clip_barycentrics``); ``-1`` where empty.
