@@ -88,6 +88,13 @@ def test_fused_interpret_silhouette_and_hard_match_xla():
     _compare("interpret", "hard", "unlit", K=1, blur=0.0)
 
 
+@pytest.mark.parametrize("replicas", [1, 3])
+def test_fused_interpret_gradient_table_copies_match_xla(monkeypatch, replicas):
+    """Gradients are the same with one copy of the backward's table or a count that divides no tile."""
+    monkeypatch.setattr(fused, "ATOMIC_REPLICAS", replicas)
+    _compare("interpret", "silhouette", K=3)
+
+
 def test_shade_matches_phong_shading():
     """The kernel's tuple Phong equals lighting.phong_shading (several lights and a material)."""
     from jaxrender.lighting import phong_shading

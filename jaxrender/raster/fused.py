@@ -18,7 +18,8 @@ its thread's registers:
   fragment the recomputed fragment, the blend's analytic cotangents and the
   cotangent of its face's packed corner data (``jax.vjp`` of the fragment
   function, traced inside the kernel), added atomically into an
-  ``(F, 3 * (3 + C))`` table that XLA carries back to the vertices.
+  ``(F, 3 * (3 + C))`` table that XLA carries back to the vertices (in
+  ``ATOMIC_REPLICAS`` copies, one per pixel residue, summed by XLA).
   Fragments whose cotangents are all zero — hidden behind an opaque face,
   or (soft blend) with a softmax weight below ``1e-8`` of the pixel's — add
   nothing, and a slot with no live fragment in the tile skips the VJP and
@@ -51,6 +52,10 @@ except Exception:  # noqa: BLE001
 
 _EPS = 1e-10  # blend.py's (PyTorch3D's) blending epsilon
 _COLD = 1e-8  # relative softmax weight below which a fragment's blend cotangents are dropped (backward)
+# Copies of the backward's gradient table: pixel p of a tile adds into copy
+# p % ATOMIC_REPLICAS, so neighbouring pixels on the same face (the same
+# address) do not queue on one atomic unit; XLA sums the copies.
+ATOMIC_REPLICAS = 4
 SHADINGS = ("phong", "gouraud", "unlit")
 
 
@@ -71,6 +76,7 @@ class Config(NamedTuple):
     geo: Tuple[Tuple[str, object], ...]  # geometry_core's keyword arguments
     num_warps: int
     interpret: bool
+    replicas: int = 1  # copies of the backward's gradient table (ATOMIC_REPLICAS)
 
     @property
     def corner_width(self) -> int:
@@ -428,6 +434,7 @@ def _backward_kernel(lists_ref, ct_ref, stats_ref, tab_ref, prm_ref, gtab_in_ref
     px, py, inside = _pixels(cfg)
     one = jnp.ones_like(px)
     zero = jnp.zeros_like(px)
+    copy = (jnp.arange(cfg.bin_size ** 2, dtype=jnp.int32) % cfg.replicas) * (gtab_ref.shape[0] // cfg.replicas)
     # Parameters as per-pixel vectors, so their cotangents come back per pixel
     # and are summed once per tile.
     prm = [prm_ref[i] + zero for i in range(cfg.n_shade + cfg.n_blend)]
@@ -441,6 +448,7 @@ def _backward_kernel(lists_ref, ct_ref, stats_ref, tab_ref, prm_ref, gtab_in_ref
     def body(s, acc):
         g_sp, g_bp = acc
         m, base, corners = _slot(cfg, lists_ref, tab_ref, s)
+        dst = base + copy
         (dist, depth, col), frag_vjp = jax.vjp(lambda cs, sp_: _fragment_used(cfg, cs, px, py, sp_, one),
                                                corners, sp)
         cts, g_bp_s = _blend_cotangents(cfg, st, g, m, dist, depth, col, bp)
@@ -455,9 +463,9 @@ def _backward_kernel(lists_ref, ct_ref, stats_ref, tab_ref, prm_ref, gtab_in_ref
             g_cs, g_sp_s = frag_vjp(cts)
             for c in range(cfg.n_corner):
                 if cfg.interpret:  # interpret mode's atomics drop repeated indices: a scatter-add instead
-                    gtab_ref[...] = gtab_ref[...].at[base + c].add(jnp.where(hot, g_cs[c], 0.0))
+                    gtab_ref[...] = gtab_ref[...].at[dst + c].add(jnp.where(hot, g_cs[c], 0.0))
                 else:
-                    atomic_add_relaxed(gtab_ref, base + c, g_cs[c], mask=hot & (g_cs[c] != 0))
+                    atomic_add_relaxed(gtab_ref, dst + c, g_cs[c], mask=hot & (g_cs[c] != 0))
             return tuple(jnp.where(hot, b, 0.0) for b in g_sp_s)
 
         g_sp_s = jax.lax.cond(jnp.max(hot.astype(jnp.int32)) > 0, scatter, lambda: tuple(zero for _ in g_sp))
@@ -511,13 +519,15 @@ def _backward_call(table, prm, lists, stats, ct, cfg: Config):
                   pl.BlockSpec((1, stats.shape[1], npix), lambda t: (t, 0, 0)),
                   pl.no_block_spec, pl.no_block_spec, pl.no_block_spec],
         out_specs=(pl.no_block_spec, pl.BlockSpec((1, n_prm_p), lambda t: (t, 0))),
-        out_shape=(jax.ShapeDtypeStruct((n_tab,), jnp.float32),
+        out_shape=(jax.ShapeDtypeStruct((cfg.replicas * n_tab,), jnp.float32),
                    jax.ShapeDtypeStruct((num_tiles, n_prm_p), jnp.float32)),
         input_output_aliases={5: 0},
         compiler_params=_compiler_params(cfg),
         interpret=cfg.interpret,
         name="jaxrender_fused_backward",
-    )(lists, ct, stats, _pad_to(table.reshape(-1), n_tab), _pad_to(prm, n_prm_p), jnp.zeros((n_tab,), jnp.float32))
+    )(lists, ct, stats, _pad_to(table.reshape(-1), n_tab), _pad_to(prm, n_prm_p),
+      jnp.zeros((cfg.replicas * n_tab,), jnp.float32))
+    gtab = jnp.sum(gtab.reshape(cfg.replicas, n_tab), axis=0)
     return gtab[:table.size].reshape(table.shape), jnp.sum(gprm[:, :n_prm], axis=0)
 
 
