@@ -135,7 +135,7 @@ def _fused_render(mesh: Mesh, camera, settings: RasterSettings, mode, shading="u
              ("clip_barycentrics", settings.resolved_clip_barycentrics),
              ("ndc_per_pixel", settings.ndc_per_pixel)),
         num_warps=settings.resolved_pallas_num_warps, interpret=settings.pallas_interpret,
-        replicas=fused.ATOMIC_REPLICAS)
+        replicas=fused.gradient_table_copies(faces.shape[0], settings.image_size))
     img = fused.fused_render(sv, faces, attrs, jnp.concatenate([sp, bp]), lists, cfg)
     return img, Fragments(face_idx, None, None, None, overflow, max_count, culled, truncated)
 

@@ -92,7 +92,17 @@ def test_fused_interpret_silhouette_and_hard_match_xla():
 def test_fused_interpret_gradient_table_copies_match_xla(monkeypatch, replicas):
     """Gradients are the same with one copy of the backward's table or a count that divides no tile."""
     monkeypatch.setattr(fused, "ATOMIC_REPLICAS", replicas)
+    monkeypatch.setattr(fused, "COPIES_MIN_PIXELS_PER_FACE", 0)  # copies at any mesh size
+    assert fused.gradient_table_copies(10 ** 6, (H, W)) == replicas
     _compare("interpret", "silhouette", K=3)
+
+
+def test_gradient_table_copies_only_for_faces_large_on_screen():
+    n = fused.COPIES_MIN_PIXELS_PER_FACE
+    assert fused.gradient_table_copies(256 * 256 // n, (256, 256)) == fused.ATOMIC_REPLICAS
+    assert fused.gradient_table_copies(256 * 256 // n + 1, (256, 256)) == 1
+    assert fused.gradient_table_copies(105_800, (512, 512)) == 1  # the face scene: 2.5 pixels per face
+    assert fused.gradient_table_copies(2_520, (256, 256)) == fused.ATOMIC_REPLICAS  # small_256: 26
 
 
 def test_shade_matches_phong_shading():
