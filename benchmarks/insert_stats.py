@@ -45,7 +45,7 @@ def main(argv=None):
     tri = jr.project(cam, verts[0])[faces]
     valid = R.face_validity(tri, s, cam.znear, cam.zfar)
     nb = -(-size // bs)
-    face_s, starts, counts, _ = R._bin_faces(tri, valid, s, nb, nb, depth_order=True)
+    face_s, starts, counts, _ = R._bin_faces(tri, valid, s, nb, nb)
     counts, starts = np.asarray(counts), np.asarray(starts)
     tiles = np.flatnonzero(counts > 0)
     print(f"{a.scene}, K={k}: {len(counts)} tiles, {len(tiles)} non-empty, candidates per non-empty tile: "

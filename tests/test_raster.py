@@ -190,9 +190,8 @@ def _reference_bins(tri, valid, bs, nby, nbx, r, order):
     return pairs
 
 
-@pytest.mark.parametrize("budget,depth_order,capacity", [(None, False, None), (None, True, None), (40, False, None),
-                                                         (40, True, None), (None, True, 3)])
-def test_binning_matches_brute_force(budget, depth_order, capacity):
+@pytest.mark.parametrize("budget,capacity", [(None, None), (40, None), (None, 3), (40, 3)])
+def test_binning_matches_brute_force(budget, capacity):
     """Each tile's candidate run against a per-face, per-tile bounding-box test, with the pair budget truncating."""
     from jaxrender.raster.rasterize import _bin_faces
 
@@ -205,10 +204,11 @@ def test_binning_matches_brute_force(budget, depth_order, capacity):
                        max_faces_per_bin=capacity)
     nby, nbx = -(-H // bs), -(-W // bs)
     face_s, starts, counts, overflow = (np.asarray(a) for a in _bin_faces(
-        jnp.asarray(tri), jnp.asarray(valid), s, nby, nbx, depth_order=depth_order))
+        jnp.asarray(tri), jnp.asarray(valid), s, nby, nbx))
     r = s.blur_radius_pixels + 1e-3
     zmin = tri[..., 2].min(1)
-    gen = np.argsort(zmin, kind="stable") if depth_order and capacity is None else np.arange(F)
+    # pairs come face by face in nearest-vertex-depth order (face order if a tile can overflow)
+    gen = np.argsort(zmin, kind="stable") if capacity is None else np.arange(F)
     pairs = _reference_bins(tri, valid, bs, nby, nbx, r, gen)
     kept = pairs if budget is None else pairs[:budget]
     assert int(overflow) == len(pairs) - len(kept)
@@ -216,7 +216,7 @@ def test_binning_matches_brute_force(budget, depth_order, capacity):
         assert int(overflow) > 0  # the budget really truncates
     for t in range(nby * nbx):
         want = [f for tt, f in kept if tt == t]
-        if depth_order and capacity is not None:  # the first `capacity` in face order, each part by depth
+        if capacity is not None:  # the first `capacity` in face order, each part by depth
             key = lambda f: (want.index(f) >= capacity, zmin[f], f)
             want = sorted(want, key=key)
         got = face_s[starts[t]:starts[t] + counts[t]].tolist()

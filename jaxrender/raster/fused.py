@@ -68,6 +68,8 @@ def gradient_table_copies(num_faces: int, image_size) -> int:
     """How many copies of the fused backward's gradient table to use (see ``ATOMIC_REPLICAS``)."""
     h, w = image_size
     return ATOMIC_REPLICAS if h * w >= COPIES_MIN_PIXELS_PER_FACE * max(int(num_faces), 1) else 1
+
+
 SHADINGS = ("phong", "gouraud", "unlit")
 
 

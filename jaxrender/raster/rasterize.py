@@ -180,15 +180,16 @@ def _sort_by_key(key_range: int):
     return sort
 
 
-def _bin_faces(tri, valid, settings: RasterSettings, num_bins_y: int, num_bins_x: int, depth_order: bool = False):
+def _bin_faces(tri, valid, settings: RasterSettings, num_bins_y: int, num_bins_x: int):
     """Tile binning with static shapes, by sorting (tile, face) pairs.
 
     Every surviving face emits one pair per tile its grown bounding box
     touches (at most ``max_tile_pairs`` pairs in all); the pairs are sorted by
-    tile, then face, so each tile's candidates are a contiguous run in face
-    order — or, with ``depth_order``, by tile, then the face's nearest vertex
-    depth, then face (if a tile can overflow, its first ``max_faces_per_bin``
-    faces in face order come first, so both orders keep the same faces).
+    tile, then the face's nearest vertex depth, then face, so each tile's
+    candidates are a contiguous run in the order that breaks depth ties
+    (docs/rasterizer.md). If a tile can overflow, its first
+    ``max_faces_per_bin`` faces in face order come first (the ones kept),
+    each part in that order.
 
     Returns:
       ``(faces_sorted (P,) int32, starts (T,) int32, counts (T,) int32,
@@ -217,10 +218,10 @@ def _bin_faces(tri, valid, settings: RasterSettings, num_bins_y: int, num_bins_x
     # Pairs are generated face by face, so one *stable* sort on the tile
     # alone (a radix sort on GPUs, much faster than a two-key comparison
     # sort) leaves each tile's run in generation order. That order is the
-    # face index, or — for depth order when no tile can overflow — the
-    # faces sorted by their nearest vertex depth.
+    # faces sorted by their nearest vertex depth when no tile can overflow,
+    # else the face index (the runs are then re-sorted below).
     gen = None
-    if depth_order and capacity >= num_faces:
+    if capacity >= num_faces:
         gen = jnp.argsort(jnp.min(tri[..., 2], axis=1), stable=True).astype(jnp.int32)
     n_g = n if gen is None else n[gen]
     ends = jnp.cumsum(n_g, dtype=jnp.int32)
@@ -249,7 +250,7 @@ def _bin_faces(tri, valid, settings: RasterSettings, num_bins_y: int, num_bins_x
         p, mode="drop")
     bounds = jax.lax.cummin(bounds, reverse=True)
     starts, counts = bounds[:-1], bounds[1:] - bounds[:-1]
-    if depth_order and gen is None:
+    if gen is None:
         # A tile may overflow: re-sort each run by nearest vertex depth, the
         # first ``capacity`` faces in face order first (the ones the face-
         # ordered path keeps), the dropped ones after them.
@@ -283,7 +284,7 @@ def _select_faces(tri, valid, settings: RasterSettings, znear, tiles=False):
     depth_exit = use_pallas and (settings.blur_radius == 0.0 or settings.resolved_clip_barycentrics)
     # Both backends walk each tile's candidates in depth order and keep the
     # earlier candidate on an equal depth: that order is the tie rule.
-    face_s, starts, counts, pair_overflow = _bin_faces(tri, valid, settings, nby, nbx, depth_order=True)
+    face_s, starts, counts, pair_overflow = _bin_faces(tri, valid, settings, nby, nbx)
     budget = face_s.shape[0]
     capacity = settings.resolved_max_faces_per_bin(tri.shape[0])
     npix = bs * bs
