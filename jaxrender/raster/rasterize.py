@@ -252,8 +252,8 @@ def _bin_faces(tri, valid, settings: RasterSettings, num_bins_y: int, num_bins_x
     starts, counts = bounds[:-1], bounds[1:] - bounds[:-1]
     if gen is None:
         # A tile may overflow: re-sort each run by nearest vertex depth, the
-        # first ``capacity`` faces in face order first (the ones the face-
-        # ordered path keeps), the dropped ones after them.
+        # first ``capacity`` faces in face order first (the ones the
+        # selection keeps), the dropped ones after them.
         rank = jnp.arange(budget, dtype=jnp.int32) - starts[jnp.minimum(tile_s, num_tiles - 1)]
         dropped = (rank >= capacity).astype(jnp.int32)
         zmin = jnp.min(tri[..., 2], axis=1)[face_s]
